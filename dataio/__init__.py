@@ -1,0 +1,1 @@
+"""LMDB datasets, converters, transforms and loaders for SmoothSA (`smoothsa.dataio`)."""

@@ -1,0 +1,1 @@
+"""SmoothSA: slot attention over DINOv2 features, checkpoint-compatible with the official code."""
