@@ -4,6 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors. It reads this variable
+# when a kernel is defined, so it is set before anything imports `smoothsa.kernels`. Model tests run the
+# PyTorch reference by default; kernel tests ask for the fused path explicitly.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SMOOTHSA_FUSED", "0")
+
 GOLDEN_DIR = Path(os.environ.get("SMOOTHSA_GOLDEN", Path(__file__).resolve().parents[1].parent / "shared" / "golden"))
 
 
