@@ -1,0 +1,89 @@
+"""`build_model`: a preset name (or `ModelConfig`) → the model, with the official module layout."""
+import dataclasses
+
+import torch.nn as nn
+
+from smoothsa.backbone import dinov2_backbone
+from smoothsa.decoders import AR9TransformerDecoder, ARRandTransformerDecoder
+from smoothsa.initializers import NormalMlpPreheated, NormalShared, NormalSharedPreheated
+from smoothsa.mlp import mlp
+from smoothsa.models import SPOT, SmoothSA, SmoothSAVideo
+from smoothsa.presets import ModelConfig, get_preset
+from smoothsa.slot_attention import SlotAttention
+from smoothsa.transit import RSFQTransit
+
+FEATURE_DIM = 384  # DINOv2 ViT-S/14
+SLOT_DIM = 256
+RESOLUTION = (16, 16)
+
+
+def build_model(name: str | ModelConfig, backbone: bool = True, **overrides) -> nn.Module:
+    """Builds the model of a preset.
+
+    Args:
+        name: a preset name (see `smoothsa.presets.PRESETS`) or a `ModelConfig`.
+        backbone: include the frozen DINOv2 backbone (input: images); False: the input is the feature map
+            (B, [T,] 384, 16, 16) and the 173 backbone keys are absent from the state_dict.
+        overrides: `ModelConfig` fields to change, e.g. `num_slots=5`, `fused=False`, `trunc_bp=None`.
+    """
+    config = get_preset(name).model if isinstance(name, str) else dataclasses.replace(name)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TypeError(f"build_model: unknown override(s) {sorted(unknown)}; ModelConfig fields: {sorted(known)}")
+    config = dataclasses.replace(config, **overrides)
+    if config.arch == "recognition":
+        from smoothsa.recognition import ObjDiscovRecogn
+
+        discovery = dataclasses.replace(config, arch=_discovery_arch(config), discovery=None, num_classes=None)
+        return ObjDiscovRecogn(_build_discovery(discovery, backbone), config.num_classes)
+    return _build_discovery(config, backbone)
+
+
+def _discovery_arch(config: ModelConfig) -> str:
+    if config.discovery is None or config.num_classes is None:
+        raise ValueError("build_model: a recognition model needs `discovery` and `num_classes`")
+    return get_preset(config.discovery).model.arch
+
+
+def _build_discovery(config: ModelConfig, backbone: bool) -> nn.Module:
+    archs = {"smoothsa": SmoothSA, "smoothsa_video": SmoothSAVideo, "spot": SPOT}
+    if config.arch not in archs:
+        raise ValueError(f"build_model: unknown arch {config.arch!r}; known: {sorted(archs)} and 'recognition'")
+    parts = dict(
+        encode_backbone=dinov2_backbone() if backbone else None,
+        encode_project=mlp(FEATURE_DIM, [FEATURE_DIM, FEATURE_DIM], ln="pre"),
+        initializ=_initializer(config),
+        aggregat=SlotAttention(
+            config.num_iter, SLOT_DIM, 4 * SLOT_DIM, 0.0, FEATURE_DIM, trunc_bp=config.trunc_bp, fused=config.fused
+        ),
+        decode=_decoder(config),
+    )
+    if config.arch == "smoothsa_video":
+        if config.transit_dt is None:
+            raise ValueError("build_model: a video model needs transit_dt")
+        parts["transit"] = RSFQTransit(config.transit_dt, FEATURE_DIM, SLOT_DIM)
+    return archs[config.arch](**parts, resolution=RESOLUTION, feature_dim=FEATURE_DIM)
+
+
+def _initializer(config: ModelConfig) -> nn.Module:
+    if config.initializer == "mlp_preheated":
+        return NormalMlpPreheated(4, (SLOT_DIM, SLOT_DIM), FEATURE_DIM)
+    if config.num_slots is None or config.num_slots < 1:
+        raise ValueError(f"build_model: initializer {config.initializer!r} needs num_slots >= 1, got {config.num_slots}")
+    if config.initializer == "shared_preheated":
+        return NormalSharedPreheated(config.num_slots, SLOT_DIM, FEATURE_DIM)
+    if config.initializer == "shared":
+        return NormalShared(config.num_slots, SLOT_DIM)
+    raise ValueError(
+        f"build_model: unknown initializer {config.initializer!r}; known: shared_preheated, mlp_preheated, shared"
+    )
+
+
+def _decoder(config: ModelConfig) -> nn.Module:
+    n = RESOLUTION[0] * RESOLUTION[1]
+    if config.decoder == "arrand":
+        return ARRandTransformerDecoder(n, FEATURE_DIM, SLOT_DIM)
+    if config.decoder == "ar9":
+        return AR9TransformerDecoder(RESOLUTION, FEATURE_DIM, SLOT_DIM)
+    raise ValueError(f"build_model: unknown decoder {config.decoder!r}; known: arrand, ar9")
