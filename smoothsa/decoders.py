@@ -158,7 +158,8 @@ class AR9TransformerDecoder(_SlotDecoder):
         resolut: the token grid (H, W).
         embed_dim, slot_dim, num_layers, num_heads, ffn_dim: as `ARRandTransformerDecoder`.
 
-    Training picks one order uniformly at random; evaluation uses raster order. No positional embedding.
+    Training picks one order uniformly at random, evaluation uses raster order, unless `order` is given.
+    No positional embedding.
 
     Shapes: input (B, N, D) feature tokens, slots (B, S, Ds) → recon (B, N, D), attn (B, S, N).
     """
@@ -177,12 +178,13 @@ class AR9TransformerDecoder(_SlotDecoder):
         self.register_buffer("perm", spot_orders(*resolut), persistent=False)
         self._build(embed_dim, slot_dim, num_layers, num_heads, ffn_dim)
 
-    def forward(self, input: torch.Tensor, slots: torch.Tensor):
+    def forward(self, input: torch.Tensor, slots: torch.Tensor, order: int | None = None):
         self._check(input, slots)
         b, n, _ = input.shape
         if n != self.perm.shape[1]:
             raise ValueError(f"AR9TransformerDecoder: built for {self.perm.shape[1]} tokens, got {n}")
-        order = int(torch.randint(0, 9, ()).item()) if self.training else 0
+        if order is None:
+            order = int(torch.randint(0, 9, ()).item()) if self.training else 0
         perm = self.perm[order]  # (N,)
         shifted = torch.cat([self.bos[order].expand(b, 1, -1).to(input.dtype), input[:, perm[:-1]]], dim=1)
         query = self.project1(shifted)  # (B, N, D)

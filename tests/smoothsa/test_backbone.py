@@ -1,0 +1,52 @@
+"""The DINOv2 ViT against an independent float64 formulation with explicit softmax attention."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smoothsa.backbone import DINOv2ViT, dinov2_backbone
+
+
+def _reference_vit(vit: DINOv2ViT, image: torch.Tensor) -> torch.Tensor:
+    p = dict(vit.named_parameters())
+    x = F.conv2d(image, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], stride=14)
+    b, d, gh, gw = x.shape
+    x = x.reshape(b, d, gh * gw).permute(0, 2, 1) + p["pos_embed"]
+    x = torch.cat([p["cls_token"].expand(b, 1, d), p["reg_token"].expand(b, 4, d), x], 1)
+    for i in range(len(vit.blocks)):
+        q = lambda n: p[f"blocks.{i}.{n}"]  # noqa: E731
+        h = F.layer_norm(x, (d,), q("norm1.weight"), q("norm1.bias"), eps=1e-6)
+        qkv = h @ q("attn.qkv.weight").T + q("attn.qkv.bias")
+        heads = 6
+        qh, kh, vh = (t.reshape(b, -1, heads, d // heads).transpose(1, 2) for t in qkv.split(d, -1))
+        att = torch.softmax(qh @ kh.transpose(-1, -2) / (d // heads) ** 0.5, -1) @ vh
+        att = att.transpose(1, 2).reshape(b, -1, d) @ q("attn.proj.weight").T + q("attn.proj.bias")
+        x = x + q("ls1.gamma") * att
+        h = F.layer_norm(x, (d,), q("norm2.weight"), q("norm2.bias"), eps=1e-6)
+        h = F.gelu(h @ q("mlp.fc1.weight").T + q("mlp.fc1.bias")) @ q("mlp.fc2.weight").T + q("mlp.fc2.bias")
+        x = x + q("ls2.gamma") * h
+    return x[:, 5:].transpose(1, 2).reshape(b, d, gh, gw)
+
+
+def test_vit_matches_reference():
+    torch.manual_seed(0)
+    vit = DINOv2ViT(img_size=56, depth=2).double()  # a 4×4 grid keeps the test fast; same code path
+    with torch.no_grad():
+        for prm in vit.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.2)
+    image = torch.randn(2, 3, 56, 56, dtype=torch.double)
+    torch.testing.assert_close(vit(image), _reference_vit(vit, image), atol=1e-10, rtol=1e-10)
+
+
+def test_backbone_resizes_256_to_224_bicubic_and_returns_16x16():
+    backbone = dinov2_backbone().eval()
+    image = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        feature = backbone(image)
+        expected = backbone[1](F.interpolate(image, size=(224, 224), mode="bicubic", align_corners=False))
+    assert feature.shape == (1, 384, 16, 16)
+    torch.testing.assert_close(feature, expected)
+
+
+def test_vit_rejects_wrong_image_size():
+    with pytest.raises(ValueError, match=r"\(B, 3, 224, 224\)"):
+        DINOv2ViT()(torch.randn(1, 3, 256, 256))

@@ -1,0 +1,185 @@
+"""Every preset builds a model whose state_dict has exactly the official checkpoint keys and shapes.
+
+The expected key lists are written out here from SPEC §2.13, independently of the model code."""
+import pytest
+
+import smoothsa
+from smoothsa.presets import PRESETS, apply_overrides, get_preset
+
+
+def backbone_keys() -> dict:
+    keys = {
+        "cls_token": (1, 1, 384),
+        "reg_token": (1, 4, 384),
+        "pos_embed": (1, 256, 384),
+        "patch_embed.proj.weight": (384, 3, 14, 14),
+        "patch_embed.proj.bias": (384,),
+    }
+    for i in range(12):
+        block = {
+            "norm1.weight": (384,), "norm1.bias": (384,), "attn.qkv.weight": (1152, 384), "attn.qkv.bias": (1152,),
+            "attn.proj.weight": (384, 384), "attn.proj.bias": (384,), "ls1.gamma": (384,), "norm2.weight": (384,),
+            "norm2.bias": (384,), "mlp.fc1.weight": (1536, 384), "mlp.fc1.bias": (1536,),
+            "mlp.fc2.weight": (384, 1536), "mlp.fc2.bias": (384,), "ls2.gamma": (384,),
+        }
+        keys |= {f"blocks.{i}.{k}": v for k, v in block.items()}
+    return {f"m.encode_backbone.1.{k}": v for k, v in keys.items()}
+
+
+def attention_layer(prefix: str, d: int, ff: int, norms: list[str]) -> dict:
+    keys = {
+        "self_attn.in_proj_weight": (3 * d, d), "self_attn.out_proj.weight": (d, d),
+        "multihead_attn.in_proj_weight": (3 * d, d), "multihead_attn.out_proj.weight": (d, d),
+        "linear1.weight": (ff, d), "linear2.weight": (d, ff),
+    } | {f"{n}.weight": (d,) for n in norms}
+    return {prefix + k: v for k, v in keys.items()}
+
+
+PROJECT = {
+    "m.encode_project.0.weight": (384,), "m.encode_project.0.bias": (384,), "m.encode_project.1.weight": (384, 384),
+    "m.encode_project.1.bias": (384,), "m.encode_project.3.weight": (384, 384), "m.encode_project.3.bias": (384,),
+}
+SA = {
+    "m.aggregat.norm1q.weight": (256,), "m.aggregat.norm1q.bias": (256,), "m.aggregat.proj_q.weight": (256, 256),
+    "m.aggregat.norm1kv.weight": (384,), "m.aggregat.norm1kv.bias": (384,), "m.aggregat.proj_k.weight": (256, 384),
+    "m.aggregat.proj_v.weight": (256, 384), "m.aggregat.rnn.weight_ih": (768, 256),
+    "m.aggregat.rnn.weight_hh": (768, 256), "m.aggregat.rnn.bias_ih": (768,), "m.aggregat.rnn.bias_hh": (768,),
+    "m.aggregat.norm2.weight": (256,), "m.aggregat.norm2.bias": (256,), "m.aggregat.ffn.0.weight": (1024, 256),
+    "m.aggregat.ffn.0.bias": (1024,), "m.aggregat.ffn.2.weight": (256, 1024), "m.aggregat.ffn.2.bias": (256,),
+}
+PREHEAT = {"m.initializ.qproj_kv.weight": (256, 384), "m.initializ.qproj_kv.bias": (256,)} | attention_layer(
+    "m.initializ.qinit.", 256, 1024, ["norm1", "norm3"]
+)
+SHARED_PREHEATED = {
+    "m.initializ.mean": (1, 1, 256), "m.initializ.logstd": (1, 1, 256), "m.initializ.logstd2": (1, 1, 256),
+    "m.initializ.detach_flag": (),
+} | PREHEAT
+MLP_PREHEATED = {
+    "m.initializ.logstd": (1, 1, 256), "m.initializ.logstd2": (1, 1, 256), "m.initializ.detach_flag": (),
+    "m.initializ.mlp.0.weight": (256, 4), "m.initializ.mlp.0.bias": (256,), "m.initializ.mlp.2.weight": (256, 256),
+    "m.initializ.mlp.2.bias": (256,), "m.initializ.mlp.3.weight": (256,), "m.initializ.mlp.3.bias": (256,),
+} | PREHEAT
+PROJECTIONS = {
+    "m.decode.project1.0.weight": (384, 384), "m.decode.project1.1.weight": (384,), "m.decode.project1.1.bias": (384,),
+    "m.decode.project2.0.weight": (384, 256), "m.decode.project2.1.weight": (384,), "m.decode.project2.1.bias": (384,),
+    "m.decode.norm0.weight": (384,),
+}
+LAYERS = {}
+for layer in range(4):
+    norms = ["norm2", "norm3"] if layer == 0 else ["norm1", "norm2", "norm3"]
+    LAYERS |= attention_layer(f"m.decode.backbone.layers.{layer}.", 384, 1536, norms)
+ARRAND = {"m.decode.mask_token": (1, 1, 384), "m.decode.posit_embed._pe": (1, 256, 384)} | PROJECTIONS | LAYERS
+AR9 = {"m.decode.bos": (9, 1, 1, 384)} | PROJECTIONS | LAYERS
+
+
+def transit(dt: int) -> dict:
+    return {
+        "m.transit.te.weight": (dt, 256), "m.transit.proji.weight": (256, 384), "m.transit.proji.bias": (256,),
+    } | attention_layer("m.transit.transit.", 256, 1024, ["norm1", "norm2", "norm3"])
+
+
+def recognition(discovery: dict, ncls: int) -> dict:
+    keys = {k.replace("m.", "m.discov.", 1): v for k, v in discovery.items()}
+    return keys | {
+        "m.recogn.0.weight": (512, 256), "m.recogn.0.bias": (512,), "m.recogn.3.weight": (ncls + 4, 512),
+        "m.recogn.3.bias": (ncls + 4,),
+    }
+
+
+IMAGE = PROJECT | SHARED_PREHEATED | SA | ARRAND
+MOVI = PROJECT | MLP_PREHEATED | SA | ARRAND | transit(6)
+YTVIS = PROJECT | SHARED_PREHEATED | SA | ARRAND | transit(5)
+SPOT = PROJECT | {"m.initializ.mean": (1, 1, 256), "m.initializ.logstd": (1, 1, 256)} | SA | AR9
+EXPECTED = {
+    "smoothsa_r-clevrtex": IMAGE, "smoothsa_r-coco": IMAGE, "smoothsa_r-voc": IMAGE,
+    "smoothsav_c-movi_c": MOVI, "smoothsav_c-movi_d": MOVI, "smoothsav_c-movi_e": MOVI,
+    "smoothsav_r-ytvis": YTVIS, "smoothsav_r-ytvis_hq": YTVIS,
+    "spot_r-clevrtex": SPOT, "spot_r-coco": SPOT, "spot_r-voc": SPOT,
+    "smoothsa_r_recogn-coco": recognition(IMAGE, 91), "smoothsav_r_recogn-ytvis": recognition(YTVIS, 41),
+    "smoothsav_r_recogn-ytvis_hq": recognition(YTVIS, 41), "spot_r_recogn-coco": recognition(SPOT, 91),
+}
+COUNTS = {"smoothsa_r-coco": (81, 254), "smoothsav_c-movi_c": (98, 271), "smoothsav_r-ytvis": (93, 266), "spot_r-coco": (68, 241)}
+
+
+def test_every_preset_has_an_expected_key_list():
+    assert set(EXPECTED) == set(PRESETS)
+
+
+def test_backbone_has_173_keys():
+    assert len(backbone_keys()) == 173
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("backbone", [False, True], ids=["features", "backbone"])
+def test_state_dict_matches_official_keys_and_shapes(name, backbone):
+    model = smoothsa.build_model(name, backbone=backbone)
+    ours = {k: tuple(v.shape) for k, v in smoothsa.official_state_dict(model).items()}
+    expected = dict(EXPECTED[name])
+    if backbone:
+        back = backbone_keys()
+        if name.split("-")[0].endswith("_recogn"):
+            back = {k.replace("m.", "m.discov.", 1): v for k, v in back.items()}
+        expected = back | expected  # the backbone keys come first in a real checkpoint
+    assert set(ours) == set(expected), (sorted(set(ours) - set(expected))[:5], sorted(set(expected) - set(ours))[:5])
+    assert ours == expected
+    if name in COUNTS:
+        assert len(ours) == COUNTS[name][int(backbone)]
+    if backbone:
+        assert list(ours)[: 173] == list(expected)[: 173]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_backbone_is_frozen_and_detach_flag_starts_on(name):
+    model = smoothsa.build_model(name, backbone=True)
+    discovery = getattr(model, "discov", model)
+    assert not any(p.requires_grad for p in discovery.encode_backbone.parameters())
+    if hasattr(discovery.initializ, "detach_flag"):
+        assert bool(discovery.initializ.detach_flag)
+
+
+def test_unknown_preset_lists_known_names():
+    with pytest.raises(KeyError, match="smoothsa_r-coco") as info:
+        smoothsa.build_model("smoothsa_r-cocoa")
+    assert "smoothsa_r-cocoa" in str(info.value)
+
+
+def test_unknown_override_is_named():
+    with pytest.raises(TypeError, match="slots"):
+        smoothsa.build_model("smoothsa_r-coco", backbone=False, slots=3)
+
+
+def test_overrides_change_the_model():
+    model = smoothsa.build_model("smoothsa_r-coco", backbone=False, num_slots=5, trunc_bp=None, num_iter=2)
+    assert model.initializ.num == 5 and model.aggregat.trunc_bp is None and model.aggregat.num_iter == 2
+
+
+def test_command_line_overrides_are_typed():
+    preset = apply_overrides(
+        get_preset("smoothsa_r-coco"),
+        ["optim.lr=1e-4", "model.num_slots=5", "model.trunc_bp=None", "optim.clip_norm=none", "optim.loss_weights.preheat=3"],
+    )
+    assert preset.optim.lr == 1e-4 and preset.model.num_slots == 5 and preset.model.trunc_bp is None
+    assert preset.optim.clip_norm is None and preset.optim.loss_weights["preheat"] == 3.0
+    assert get_preset("smoothsa_r-coco").optim.loss_weights["preheat"] == 100.0  # the registry is untouched
+    for bad, message in [("optim.lr=fast", "expected float"), ("model.slots=3", "no field 'slots'"), ("lr=3", "start with")]:
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(get_preset("smoothsa_r-coco"), [bad])
+
+
+@pytest.mark.parametrize(
+    "name,steps,batch,lr,clip,clip_type,weights",
+    [
+        ("smoothsa_r-coco", 100_000, 32, 2e-4, 1.0, "l2", {"recon": 1.0, "preheat": 100.0}),
+        ("smoothsa_r-clevrtex", 50_000, 32, 2e-4, 1.0, "l2", {"recon": 1.0, "preheat": 100.0}),
+        ("smoothsav_c-movi_c", 50_000, 8, 5e-5, 0.05, "l2", {"recon": 1.0, "ssc": 0.5, "preheat": 100.0}),
+        ("spot_r-voc", 50_000, 32, 2e-4, 0.3, "inf", {"recon": 1.0}),
+        ("smoothsa_r_recogn-coco", 10_000, 32, 1e-3, None, "l2", {"ce": 1.0, "l1": 1.0}),
+        ("smoothsav_r_recogn-ytvis", 5_000, 8, 1e-3, None, "l2", {"ce": 1.0, "l1": 1.0}),
+    ],
+)
+def test_training_hyperparameters_follow_the_official_configs(name, steps, batch, lr, clip, clip_type, weights):
+    optim = get_preset(name).optim
+    assert (optim.total_steps, optim.batch_size, optim.lr, optim.clip_norm) == (steps, batch, lr, clip)
+    assert optim.loss_weights == weights
+    if clip is not None:
+        assert optim.clip_type == clip_type
