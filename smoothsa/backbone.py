@@ -131,3 +131,35 @@ def dinov2_backbone() -> nn.Sequential:
     backbone = nn.Sequential(Interpolate(0.875, "bicubic"), DINOv2ViT())
     backbone.requires_grad_(False)
     return backbone
+
+
+class PatchFeatures(nn.Module):
+    """A fixed feature extractor that needs no download: each image patch (side image_size / grid) is mapped
+    by a frozen random Gaussian projection, scaled to unit variance per channel, to `feature_dim` channels.
+
+    It keeps what grouping needs on scenes whose objects differ in colour and texture (two patches of one
+    uniformly coloured object get identical features; mixed patches land in between), is deterministic for a
+    seed, and costs one strided convolution. It stands in for DINOv2 where its weights cannot be fetched.
+
+    Shapes: image (B, 3, image_size, image_size) → features (B, feature_dim, grid, grid).
+    """
+
+    def __init__(self, image_size: int = 128, grid: int = 16, feature_dim: int = 384, seed: int = 0):
+        super().__init__()
+        if image_size % grid:
+            raise ValueError(f"PatchFeatures: image_size {image_size} is not a multiple of grid {grid}")
+        patch = image_size // grid
+        self.image_size = image_size
+        self.proj = nn.Conv2d(3, feature_dim, patch, patch, bias=False)
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(feature_dim, 3, patch, patch, generator=generator) / (3 * patch * patch) ** 0.5
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+        self.requires_grad_(False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 4 or image.shape[1] != 3 or image.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"PatchFeatures: expected images (B, 3, {self.image_size}, {self.image_size}), got {tuple(image.shape)}"
+            )
+        return self.proj(image)

@@ -3,7 +3,7 @@ import dataclasses
 
 import torch.nn as nn
 
-from smoothsa.backbone import dinov2_backbone
+from smoothsa.backbone import PatchFeatures, dinov2_backbone
 from smoothsa.decoders import AR9TransformerDecoder, ARRandTransformerDecoder
 from smoothsa.initializers import NormalMlpPreheated, NormalShared, NormalSharedPreheated
 from smoothsa.mlp import mlp
@@ -11,11 +11,6 @@ from smoothsa.models import SPOT, SmoothSA, SmoothSAVideo
 from smoothsa.presets import ModelConfig, get_preset
 from smoothsa.slot_attention import SlotAttention
 from smoothsa.transit import RSFQTransit
-
-FEATURE_DIM = 384  # DINOv2 ViT-S/14
-SLOT_DIM = 256
-RESOLUTION = (16, 16)
-
 
 def build_model(name: str | ModelConfig, backbone: bool = True, **overrides) -> nn.Module:
     """Builds the model of a preset.
@@ -50,40 +45,54 @@ def _build_discovery(config: ModelConfig, backbone: bool) -> nn.Module:
     archs = {"smoothsa": SmoothSA, "smoothsa_video": SmoothSAVideo, "spot": SPOT}
     if config.arch not in archs:
         raise ValueError(f"build_model: unknown arch {config.arch!r}; known: {sorted(archs)} and 'recognition'")
+    dv, ds = config.feature_dim, config.slot_dim
     parts = dict(
-        encode_backbone=dinov2_backbone() if backbone else None,
-        encode_project=mlp(FEATURE_DIM, [FEATURE_DIM, FEATURE_DIM], ln="pre"),
+        encode_backbone=_backbone(config) if backbone else None,
+        encode_project=mlp(dv, [dv, dv], ln="pre"),
         initializ=_initializer(config),
-        aggregat=SlotAttention(
-            config.num_iter, SLOT_DIM, 4 * SLOT_DIM, 0.0, FEATURE_DIM, trunc_bp=config.trunc_bp, fused=config.fused
-        ),
+        aggregat=SlotAttention(config.num_iter, ds, 4 * ds, 0.0, dv, trunc_bp=config.trunc_bp, fused=config.fused),
         decode=_decoder(config),
     )
     if config.arch == "smoothsa_video":
         if config.transit_dt is None:
             raise ValueError("build_model: a video model needs transit_dt")
-        parts["transit"] = RSFQTransit(config.transit_dt, FEATURE_DIM, SLOT_DIM)
-    return archs[config.arch](**parts, resolution=RESOLUTION, feature_dim=FEATURE_DIM)
+        parts["transit"] = RSFQTransit(config.transit_dt, dv, ds)
+    grid = (config.grid, config.grid)
+    return archs[config.arch](**parts, resolution=grid, feature_dim=dv, image_size=config.image_size)
+
+
+def _backbone(config: ModelConfig) -> nn.Module:
+    if config.backbone == "dinov2":
+        if (config.image_size, config.grid, config.feature_dim) != (256, 16, 384):
+            raise ValueError(
+                "build_model: the DINOv2 backbone needs image_size=256, grid=16, feature_dim=384, got "
+                f"{config.image_size}, {config.grid}, {config.feature_dim}"
+            )
+        return dinov2_backbone()
+    if config.backbone == "patch":
+        return PatchFeatures(config.image_size, config.grid, config.feature_dim)
+    raise ValueError(f"build_model: unknown backbone {config.backbone!r}; known: dinov2, patch")
 
 
 def _initializer(config: ModelConfig) -> nn.Module:
+    dv, ds = config.feature_dim, config.slot_dim
     if config.initializer == "mlp_preheated":
-        return NormalMlpPreheated(4, (SLOT_DIM, SLOT_DIM), FEATURE_DIM)
+        return NormalMlpPreheated(4, (ds, ds), dv)
     if config.num_slots is None or config.num_slots < 1:
         raise ValueError(f"build_model: initializer {config.initializer!r} needs num_slots >= 1, got {config.num_slots}")
     if config.initializer == "shared_preheated":
-        return NormalSharedPreheated(config.num_slots, SLOT_DIM, FEATURE_DIM)
+        return NormalSharedPreheated(config.num_slots, ds, dv)
     if config.initializer == "shared":
-        return NormalShared(config.num_slots, SLOT_DIM)
+        return NormalShared(config.num_slots, ds)
     raise ValueError(
         f"build_model: unknown initializer {config.initializer!r}; known: shared_preheated, mlp_preheated, shared"
     )
 
 
 def _decoder(config: ModelConfig) -> nn.Module:
-    n = RESOLUTION[0] * RESOLUTION[1]
+    dv, ds, layers = config.feature_dim, config.slot_dim, config.decoder_layers
     if config.decoder == "arrand":
-        return ARRandTransformerDecoder(n, FEATURE_DIM, SLOT_DIM)
+        return ARRandTransformerDecoder(config.grid**2, dv, ds, layers, 4, 4 * dv)
     if config.decoder == "ar9":
-        return AR9TransformerDecoder(RESOLUTION, FEATURE_DIM, SLOT_DIM)
+        return AR9TransformerDecoder((config.grid, config.grid), dv, ds, layers, 4, 4 * dv)
     raise ValueError(f"build_model: unknown decoder {config.decoder!r}; known: arrand, ar9")

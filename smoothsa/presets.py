@@ -26,6 +26,11 @@ class ModelConfig:
     fused: fused slot-attention kernels; None reads SMOOTHSA_FUSED (on by default).
     discovery: recognition only, the preset of the frozen discovery model.
     num_classes: recognition only, class logits (category ids 1..ncls−1).
+    backbone: "dinov2" (the paper's frozen ViT-S/14 reg4) or "patch" (a fixed random patch projection that needs
+        no download; see `smoothsa.backbone.PatchFeatures`).
+    image_size, grid: input side and token grid side (N = grid²); the DINOv2 backbone needs 256 and 16.
+    feature_dim, slot_dim: Dv and Ds.
+    decoder_layers: transformer layers of the decoder.
     """
 
     arch: str = "smoothsa"
@@ -38,6 +43,12 @@ class ModelConfig:
     fused: bool | None = None
     discovery: str | None = None
     num_classes: int | None = None
+    backbone: str = "dinov2"
+    image_size: int = 256
+    grid: int = 16
+    feature_dim: int = 384
+    slot_dim: int = 256
+    decoder_layers: int = 4
 
 
 @dataclass
