@@ -1,0 +1,90 @@
+"""Pictures of what the slots found: PNG grids for images, animated GIFs for videos (Pillow only).
+
+Each row of a grid is one sample: the image, the ground-truth segments, the predicted segments (both as
+colour overlays), then one tile per slot showing its attention mask over the image.
+
+Shapes: B batch, T frames, H×W image, C ground-truth channels, S slots, h×w attention grid.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# ImageNet statistics on the 0–255 scale, as the data pipeline normalises (SPEC §2.1).
+MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def palette(n: int) -> np.ndarray:
+    """n well-separated colours (uint8, (n, 3)): golden-ratio hue steps at full saturation."""
+    hues = (np.arange(n) * 0.618033988749895) % 1.0
+    h6 = hues * 6
+    x = 1 - np.abs(h6 % 2 - 1)
+    sector = h6.astype(int) % 6
+    table = np.zeros((n, 3))
+    order = [(1, x, 0), (x, 1, 0), (0, 1, x), (0, x, 1), (x, 0, 1), (1, 0, x)]
+    for i in range(n):
+        table[i] = [c[i] if isinstance(c, np.ndarray) else c for c in order[sector[i]]]
+    return (table * 220 + 20).astype(np.uint8)
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) normalised float → (H, W, 3) uint8."""
+    pixels = image.detach().float().cpu() * STD + MEAN
+    return pixels.clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def overlay(rgb: np.ndarray, segments: torch.Tensor, alpha: float = 0.6) -> np.ndarray:
+    """Colours each pixel by its segment. rgb (H, W, 3) uint8, segments (H, W, K) bool → (H, W, 3) uint8."""
+    segments = segments.detach().cpu().bool()
+    colours = palette(segments.shape[-1])
+    index = segments.float().argmax(-1).numpy()
+    labelled = segments.any(-1).numpy()[..., None]
+    mixed = (1 - alpha) * rgb + alpha * colours[index]
+    return np.where(labelled, mixed, rgb * 0.5).astype(np.uint8)
+
+
+def slot_tiles(rgb: np.ndarray, attn: torch.Tensor) -> list[np.ndarray]:
+    """One tile per slot: the image weighted by the slot's attention. attn (S, h, w) → S × (H, W, 3)."""
+    h, w = rgb.shape[:2]
+    maps = F.interpolate(attn.detach().float().cpu()[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    maps = maps / maps.amax((1, 2), keepdim=True).clamp_min(1e-8)
+    return [(rgb * m.numpy()[..., None]).astype(np.uint8) for m in maps]
+
+
+def sample_row(image: torch.Tensor, true: torch.Tensor | None, pred: torch.Tensor, attn: torch.Tensor) -> np.ndarray:
+    """image (3, H, W), true (H, W, C) or None, pred (H, W, S), attn (S, h, w) → (H, W·(3 + S), 3) uint8."""
+    rgb = denormalize(image)
+    blank = np.zeros_like(rgb)
+    tiles = [rgb, overlay(rgb, true) if true is not None else blank, overlay(rgb, pred)] + slot_tiles(rgb, attn)
+    return np.concatenate(tiles, axis=1)
+
+
+def save_image_grid(path: str | Path, images, true, pred, attn, most: int = 8) -> Path:
+    """PNG grid of up to `most` samples. images (B, 3, H, W); true (B, H, W, C) or None; pred (B, H, W, S);
+    attn (B, S, h, w)."""
+    rows = [
+        sample_row(images[b], None if true is None else true[b], pred[b], attn[b]) for b in range(min(most, len(images)))
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
+
+
+def save_video_gif(path: str | Path, video, true, pred, attn, most: int = 4, frame_ms: int = 250) -> Path:
+    """Animated GIF, one grid per frame. video (B, T, 3, H, W); true (B, T, H, W, C) or None;
+    pred (B, T, H, W, S); attn (B, T, S, h, w)."""
+    count = min(most, len(video))
+    frames = []
+    for t in range(video.shape[1]):
+        rows = [
+            sample_row(video[b, t], None if true is None else true[b, t], pred[b, t], attn[b, t]) for b in range(count)
+        ]
+        frames.append(Image.fromarray(np.concatenate(rows, axis=0)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return path
