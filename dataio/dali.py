@@ -1,0 +1,265 @@
+"""DALI backend: decoding, crop, resize, flip and normalisation in a DALI pipeline (optional).
+
+The host reads the same LMDB records as the torch readers and draws the same per-sample crop window,
+flip and clip (`LmdbDataset.rngs`), so for one (seed, epoch) both loaders augment every sample alike.
+The pipeline works on frames: an image is one frame, a clip contributes T frames that all carry the
+clip's window and flip. The mask post-processing (`LmdbDataset.finish`) and `pad_collate` then run on
+the host (CPU mode) or on the pipeline's GPU.
+
+    frames (encoded) --decoders.image ("mixed" on GPU, "cpu" without)--> (h, w, 3) uint8
+        --slice(window)--> --resize(R, R, linear, antialias)--> uint8
+        --crop_mirror_normalize(flip, mean, std)--> (3, R, R) float32
+    index maps (PNG) --decoders.image(GRAY)--> --slice--> --resize(R, R, nearest)--> --flip--> (R, R) uint8
+
+Differences to the torch path (measured in tests/dataio/test_dali.py): segments, boxes and classes
+are identical; images differ by at most one uint8 level away from the border, and by up to ~9 levels
+on the outermost rows/columns when downscaling, where DALI's antialiasing filter treats the border
+differently.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+import torch
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the DALI backend needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or pip install 'smoothsa[dali]'); "
+        "use backend='torch' otherwise"
+    ) from error
+
+from .datasets import Encoded, LmdbDataset
+from .loader import epoch_order, single_threaded
+from .records import RecordError, encode_png, image_size
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed, draw_params, pad_collate
+
+
+def _frame_pipeline(
+    source,
+    max_items: int,
+    num_threads: int,
+    device_id: int | None,
+    resolution: int,
+    with_segment: bool,
+    channels_reversed: bool,
+    seed: int,
+):
+    """Builds the per-frame pipeline; `source()` returns one chunk of (images, [segments,] anchors, shapes, flips).
+
+    Args:
+        source: batch callable of the external source.
+        max_items: most frames per chunk.
+        num_threads: CPU threads.
+        device_id: CUDA device, or None for a CPU-only pipeline.
+        resolution: output side R.
+        with_segment: the chunks carry encoded index maps.
+        channels_reversed: frames hold BGR-ordered RGB (cv2-written MOVi PNGs): decode as BGR to undo it.
+        seed: DALI's own seed (nothing here draws from it; set for reproducibility).
+    """
+
+    @pipeline_def(batch_size=max_items, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2)
+    def pipeline():
+        inputs = fn.external_source(source=source, num_outputs=5 if with_segment else 4, batch=True)
+        encoded, anchor, shape, flip = inputs[0], inputs[-3], inputs[-2], inputs[-1]
+        decoder = "cpu" if device_id is None else "mixed"
+        images = fn.decoders.image(encoded, device=decoder, output_type=types.BGR if channels_reversed else types.RGB)
+        images = fn.slice(images, anchor, shape, axes=[0, 1])  # integer anchor/shape: absolute (y, x) pixels
+        images = fn.resize(images, size=[resolution, resolution], interp_type=types.INTERP_LINEAR, antialias=True)
+        # resize keeps uint8 (rounded), as the torch path rounds before normalising
+        images = fn.crop_mirror_normalize(
+            images,
+            mirror=flip,
+            mean=list(IMAGENET_MEAN),
+            std=list(IMAGENET_STD),
+            output_layout="CHW",
+            dtype=types.FLOAT,
+        )
+        if not with_segment:
+            return (images,)
+        # index maps are tiny 8-bit PNGs: decode them on the CPU, exactly (GRAY of a gray PNG is the identity)
+        segments = fn.decoders.image(inputs[1], device="cpu", output_type=types.GRAY)
+        segments = fn.slice(segments, anchor, shape, axes=[0, 1])
+        segments = fn.resize(segments, size=[resolution, resolution], interp_type=types.INTERP_NN, antialias=False)
+        segments = fn.flip(segments, horizontal=flip)
+        if device_id is not None:
+            segments = segments.gpu()
+        return images, segments
+
+    return pipeline()
+
+
+def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
+    """A dense DALI TensorList (CPU or GPU) as a torch tensor on the same device."""
+    if device_id is None:
+        return torch.from_numpy(tensor_list.as_array())
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    dense = tensor_list.as_tensor()
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=f"cuda:{device_id}")
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device_id))
+    return out
+
+
+class DaliLoader:
+    """Iterating yields one epoch of padded batches decoded and augmented by DALI.
+
+    Args:
+        dataset: an LMDB reader; its `is_training`, `resolution` and `finish` are used.
+        batch_size: samples per batch.
+        is_training: shuffle and augment.
+        num_threads: DALI CPU threads.
+        seed: base seed (same meaning as for the torch loader: same order, same augmentations).
+        drop_last: drop the last incomplete batch.
+        device_id: CUDA device ("mixed" decoding, GPU resize), or None for CPU-only DALI.
+        rank, world_size: this process's share of every epoch (see `loader.epoch_order`).
+    """
+
+    def __init__(
+        self,
+        dataset: LmdbDataset,
+        batch_size: int,
+        is_training: bool,
+        num_threads: int = 2,
+        seed: int = 0,
+        drop_last: bool = False,
+        device_id: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.dataset = dataset
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.is_training = is_training
+        self.num_threads = num_threads
+        self.seed = seed
+        self.drop_last = drop_last
+        self.device_id = device_id
+        self.epoch = 0
+        clip = getattr(dataset, "clip_length", None) if is_training else None
+        # a chunk is what one pipeline run processes; longer videos simply span several chunks
+        self.max_items = batch_size * (clip or (24 if dataset.is_video else 1))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(math.ceil(len(self.dataset) / self.world_size), self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def _plan(self, order: list[int], augment_seed: int) -> Iterator[tuple[list[Encoded], list[tuple]]]:
+        """Per batch: the encoded samples and, per frame, (image, segment, anchor, shape, flip)."""
+        dataset = self.dataset
+        dataset.augment_seed = augment_seed
+        for number in range(len(self)):
+            samples, frames = [], []
+            for index in order[number * self.batch_size : (number + 1) * self.batch_size]:
+                generator, rng = dataset.rngs(index)
+                encoded = dataset.encoded(index, rng)
+                height, width = image_size(encoded.images[0], encoded.location)
+                window, flip = draw_params(height, width, self.is_training, generator, rng)
+                anchor = np.array([window.top, window.left], np.int64)
+                shape = np.array([window.height, window.width], np.int64)
+                flag = np.array(int(flip), np.int32)
+                segments = encoded.segments or [None] * len(encoded.images)
+                for image, segment in zip(encoded.images, segments):
+                    frames.append((_buffer(image), _buffer(segment), anchor, shape, flag, encoded))
+                samples.append(encoded)
+            yield samples, frames
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.is_training, self.rank, self.world_size)
+        plan = self._plan(order, derive_seed(self.seed, epoch))
+        with_segment = self.dataset.with_segment
+        pending: deque = deque()  # per chunk handed to DALI, in order: (samples, last chunk of the batch)
+
+        def columns(frames: list[tuple]) -> tuple[list, ...]:
+            cols = [list(c) for c in zip(*frames)][:5]  # drop the owning sample
+            return tuple(cols if with_segment else cols[:1] + cols[2:])
+
+        def chunks() -> Iterator[tuple]:
+            for samples, frames in plan:
+                starts = range(0, len(frames), self.max_items)
+                for first in starts:
+                    part = frames[first : first + self.max_items]
+                    pending.append((samples, first == starts[-1], [frame[-1] for frame in part]))
+                    yield columns(part)
+            while True:  # DALI prefetches past the end of the epoch: feed it a tiny placeholder frame
+                pending.append((None, True, []))
+                yield columns([_PLACEHOLDER])
+
+        stream = chunks()
+        pipe = _frame_pipeline(
+            lambda: next(stream),
+            self.max_items,
+            self.num_threads,
+            self.device_id,
+            self.dataset.resolution,
+            with_segment,
+            getattr(self.dataset, "channels_reversed", False),
+            derive_seed(self.seed, epoch, 1 << 20),
+        )
+        pipe.build()
+        images, segments = [], []
+        while True:
+            with single_threaded():  # host work: reading records, masks, collate (see loader.single_threaded)
+                try:
+                    outputs = pipe.run()
+                except RuntimeError as error:  # e.g. a frame DALI cannot decode: name its record
+                    raise RecordError(f"{_culprit(str(error), pending[0][2])}: DALI failed: {error}") from error
+                samples, last, _ = pending.popleft()
+                if samples is None:  # chunks are FIFO: the first placeholder ends the epoch
+                    break
+                images.append(_to_torch(outputs[0], self.device_id))
+                if with_segment:
+                    segments.append(_to_torch(outputs[1], self.device_id)[..., 0])  # (N, R, R)
+                batch = None
+                if last:
+                    batch = self._batch(samples, torch.cat(images), torch.cat(segments) if with_segment else None)
+                    images, segments = [], []
+            if batch is not None:
+                yield batch
+
+    def _batch(self, samples: list[Encoded], images: torch.Tensor, segments: torch.Tensor | None) -> dict:
+        """Splits the frames back into samples, runs the dataset's post-processing, and collates."""
+        out, first = [], 0
+        for encoded in samples:
+            count = len(encoded.images)
+            pixels = images[first : first + count]
+            segment = segments[first : first + count] if segments is not None else None
+            if not self.dataset.is_video:
+                pixels = pixels[0]
+                segment = segment[0] if segment is not None else None
+            out.append(self.dataset.finish(encoded, pixels, segment))
+            first += count
+        return pad_collate(out)
+
+
+def _culprit(message: str, owners: list[Encoded]) -> str:
+    """The record of the frame DALI's error message points at ("sample #k"), else all of the chunk's."""
+    match = re.search(r"sample #(\d+)", message)
+    if match and int(match.group(1)) < len(owners):
+        field = "segment" if "segments = fn.decoders.image" in message else "image"  # the failing line
+        return f"{owners[int(match.group(1))].location} field {field!r}"
+    return "one of " + ", ".join(dict.fromkeys(owner.location for owner in owners))
+
+
+def _buffer(encoded) -> np.ndarray:
+    """Encoded bytes as the 1-D uint8 array DALI's decoder takes (an empty one for a missing map)."""
+    if encoded is None:
+        return np.zeros(0, np.uint8)
+    if isinstance(encoded, np.ndarray):
+        return encoded.reshape(-1).view(np.uint8)
+    return np.frombuffer(encoded, np.uint8)
+
+
+_BLANK = encode_png(np.zeros((8, 8), np.uint8))
+_PLACEHOLDER = (_BLANK, _BLANK, np.zeros(2, np.int64), np.full(2, 8, np.int64), np.array(0, np.int32), None)
