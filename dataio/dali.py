@@ -143,12 +143,15 @@ class DaliLoader:
         self.drop_last = drop_last
         self.device_id = device_id
         self.epoch = 0
+        self.skip_batches = 0
         clip = getattr(dataset, "clip_length", None) if is_training else None
         # a chunk is what one pipeline run processes; longer videos simply span several chunks
         self.max_items = batch_size * (clip or (24 if dataset.is_video else 1))
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """As `TorchLoader.set_epoch`."""
         self.epoch = epoch
+        self.skip_batches = skip_batches
 
     def __len__(self) -> int:
         full, rest = divmod(math.ceil(len(self.dataset) / self.world_size), self.batch_size)
@@ -158,7 +161,7 @@ class DaliLoader:
         """Per batch: the encoded samples and, per frame, (image, segment, anchor, shape, flip)."""
         dataset = self.dataset
         dataset.augment_seed = augment_seed
-        for number in range(len(self)):
+        for number in range(len(self) - self._skipped):
             samples, frames = [], []
             for index in order[number * self.batch_size : (number + 1) * self.batch_size]:
                 generator, rng = dataset.rngs(index)
@@ -176,7 +179,9 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[dict]:
         epoch, self.epoch = self.epoch, self.epoch + 1
+        self._skipped, self.skip_batches = min(self.skip_batches, len(self)), 0
         order = epoch_order(len(self.dataset), self.seed, epoch, self.is_training, self.rank, self.world_size)
+        order = order[self._skipped * self.batch_size :]
         plan = self._plan(order, derive_seed(self.seed, epoch))
         with_segment = self.dataset.with_segment
         pending: deque = deque()  # per chunk handed to DALI, in order: (samples, last chunk of the batch)

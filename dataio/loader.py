@@ -113,10 +113,13 @@ class TorchLoader:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next pass will be (passes count up from there)."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The epoch the next pass will be (passes count up from there); that pass starts after its first
+        `skip_batches` batches, so a resumed run sees exactly the batches it had not seen yet."""
         self.epoch = epoch
+        self.skip_batches = skip_batches
 
     def __len__(self) -> int:
         full, rest = divmod(math.ceil(len(self.dataset) / self.world_size), self.batch_size)
@@ -124,12 +127,14 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[dict]:
         epoch, self.epoch = self.epoch, self.epoch + 1
+        skip, self.skip_batches = self.skip_batches, 0
         if hasattr(self.dataset, "augment_seed"):
             self.dataset.augment_seed = derive_seed(self.seed, epoch)  # copied into the workers below
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.is_training, self.rank, self.world_size)
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=epoch_order(len(self.dataset), self.seed, epoch, self.is_training, self.rank, self.world_size),
+            sampler=order[skip * self.batch_size :],
             num_workers=self.num_workers,
             collate_fn=pad_collate,
             pin_memory=self.pin_memory,
