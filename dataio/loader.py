@@ -140,6 +140,9 @@ class TorchLoader:
             pin_memory=self.pin_memory,
             drop_last=self.drop_last,
             worker_init_fn=partial(seed_worker, seed=self.seed, epoch=epoch) if self.num_workers else None,
+            # Without its own generator a DataLoader draws its base seed from the global torch RNG when an
+            # epoch starts, which the model's own draws (decoder masks) would then depend on.
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank)),
             persistent_workers=False,  # workers carry the epoch's seeds, so they are re-created per epoch
         )
         if self.num_workers:

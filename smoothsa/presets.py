@@ -121,8 +121,19 @@ def _recognition(name: str, discovery: Preset, classes: int, steps: int) -> Pres
     return Preset(name, model, data, optim)
 
 
+def _demo() -> Preset:
+    """The embedded demo: SmoothSA at a size a 2-core CPU trains in minutes, on synthetic scenes of coloured
+    shapes (`smoothsa.dataio.synthetic`), with `PatchFeatures` standing in for DINOv2 (no download)."""
+    model = ModelConfig(
+        num_slots=7, backbone="patch", image_size=128, grid=16, feature_dim=128, slot_dim=64, decoder_layers=2,
+    )
+    optim = OptimConfig(total_steps=1500, batch_size=32, val_batch_size=64, lr=4e-4)
+    return Preset("demo", model, DataConfig("synthetic"), optim)
+
+
 def _registry() -> dict[str, Preset]:
     presets = [
+        _demo(),
         _image("smoothsa_r-clevrtex", "clevrtex", 11, 50_000),
         _image("smoothsa_r-coco", "coco", 7, 100_000),
         _image("smoothsa_r-voc", "voc", 6, 50_000),

@@ -320,8 +320,9 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
                 progress.update(1)
                 if step % options.log_every == 0 or step == total:
                     elapsed = time.perf_counter() - timer
-                    values = {k: float(v) for k, v in terms.items()} | {"loss": float(loss), "lr": lr,
-                                                                         "images_per_s": images / max(elapsed, 1e-9)}
+                    # Sync point: reading the losses, once every log_every steps.
+                    values = {k: float(v.detach()) for k, v in terms.items()}
+                    values |= {"loss": float(loss.detach()), "lr": lr, "images_per_s": images / max(elapsed, 1e-9)}
                     progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{values['images_per_s']:.1f}")
                     logger.log(step, "train", values | {"skipped_steps": bad_total})
                     timer, images = time.perf_counter(), 0
@@ -369,7 +370,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None)
     parser.add_argument("--compile", dest="compile", action="store_true")
     parser.add_argument("--loader", default="torch", choices=["torch", "dali"])
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, help="loader workers per process (default 4; the demo: 0)")
     parser.add_argument("--official-compat", action="store_true", help="validation metrics as the official code")
     return parser.parse_args(argv)
 
@@ -387,7 +388,8 @@ def main(argv=None) -> None:
         preset = apply_overrides(get_preset(args.preset), args.overrides)
     except (KeyError, ValueError) as error:
         sys.exit(f"error: {error}")
-    options = RunOptions(args.amp, args.compile, args.loader, args.workers, official_compat=args.official_compat)
+    workers = 4 if args.workers is None else args.workers
+    options = RunOptions(args.amp, args.compile, args.loader, workers, official_compat=args.official_compat)
     out = args.out or f"runs/{preset.name}"
     train(preset, args.data, out, options, resume=args.resume, discovery_ckpt=args.discovery_ckpt, device=args.device)
 

@@ -1,0 +1,155 @@
+"""Training and evaluation end to end on tiny synthetic data: kill and resume, DDP on gloo, bad steps, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import smoothsa
+from smoothsa.checkpoint import read_checkpoint
+from smoothsa.dataio import write_synthetic
+from smoothsa.eval import evaluate
+from smoothsa.presets import apply_overrides, get_preset
+from smoothsa.train import RunOptions, train
+
+TINY = [
+    "model.backbone=patch", "model.image_size=32", "model.grid=4", "model.feature_dim=32", "model.slot_dim=16",
+    "model.decoder_layers=1", "model.num_slots=4", "data.dataset=synthetic", "optim.batch_size=4",
+    "optim.val_batch_size=8", "optim.total_steps=12",
+]
+OPTIONS = RunOptions(amp="none", compile=False, workers=0, log_every=4)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(root, "train", num=24, height=40, width=40, seed=1)
+    write_synthetic(root, "val", num=8, height=40, width=40, seed=2)
+    return root
+
+
+def tiny(*extra):
+    return apply_overrides(get_preset("smoothsa_r-coco"), TINY + list(extra))
+
+
+def _cli(args, cwd, env=None):
+    environment = os.environ | {"SMOOTHSA_FUSED": "0"} | (env or {})
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _overrides():
+    return [x for item in TINY for x in ("--set", item)]
+
+
+def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
+    def args(out):
+        return ["smoothsa.train", "--preset", "smoothsa_r-coco", "--data", str(data), "--out", str(out), "--workers", "0",
+                "--amp", "none", *_overrides()]
+
+    whole = _cli(args(tmp_path / "whole"), tmp_path)
+    assert whole.wait(timeout=300) == 0
+    run = tmp_path / "killed"
+    args = args(run)
+    proc = _cli(args, tmp_path)
+    deadline = time.time() + 120
+    while not (run / "ckpt-0000007.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: only atomically written files survive
+    proc.wait()
+    assert not (run / "last.pth").exists(), "the run finished before it could be killed"
+    resumed = _cli(args + ["--resume"], tmp_path)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert json.loads((run / "metrics.json").read_text())["step"] == 12
+    assert sorted(p.name for p in run.glob("ckpt-*.pth")) == [f"ckpt-{s:07d}.pth" for s in range(6, 13)]
+    assert not list(run.glob("*.tmp"))
+    whole, again = read_checkpoint(tmp_path / "whole" / "last.pth"), read_checkpoint(run / "last.pth")
+    assert whole.keys() == again.keys()
+    for key in whole:
+        assert torch.equal(whole[key], again[key]), key
+
+
+def test_checkpoints_are_official_layout_and_evaluate_reproducibly(data, tmp_path):
+    preset = tiny()
+    train(preset, data, tmp_path, OPTIONS)
+    state = read_checkpoint(tmp_path / "last.pth")
+    assert all(k.startswith("m.") for k in state) and "m.initializ.detach_flag" in state
+    assert not bool(state["m.initializ.detach_flag"])  # the schedule turned it off after 10 % of the steps
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["optim"]["total_steps"] == 12 and config["model"]["grid"] == 4
+    model = smoothsa.load_official(smoothsa.build_model(preset.model), tmp_path / "last.pth")
+    first = evaluate(model, preset, data, tmp_path / "eval", seed=3)
+    second = evaluate(model, preset, data, None, seed=3)
+    assert first == second
+    assert set(first) == {"ari", "ari_fg", "mbo", "miou"} and 0 <= first["mbo"] <= 1
+    assert (tmp_path / "eval" / "slots.png").exists() and (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_non_finite_losses_are_skipped_then_stop(data, tmp_path, monkeypatch):
+    import smoothsa.train as training
+
+    real = training.forward_losses
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch, preset):
+        out, terms = real(model, batch, preset)
+        calls["n"] += model.training  # validation batches go through here too
+        if model.training and calls["n"] in (2, 3):
+            terms["recon"] = terms["recon"] * float("nan")
+        return out, terms
+
+    monkeypatch.setattr(training, "forward_losses", sometimes_nan)
+    train(tiny(), data, tmp_path / "skips", OPTIONS)
+    summary = json.loads((tmp_path / "skips" / "metrics.json").read_text())
+    assert summary["step"] == 12 and summary["skipped_steps"] == 2
+
+    def always_nan(model, batch, preset):
+        out, terms = real(model, batch, preset)
+        return out, {k: v * float("inf") for k, v in terms.items()}
+
+    monkeypatch.setattr(training, "forward_losses", always_nan)
+    with pytest.raises(FloatingPointError, match="consecutive steps had a non-finite loss"):
+        train(tiny(), data, tmp_path / "stops", RunOptions(amp="none", compile=False, workers=0, max_bad_steps=3))
+    assert not (tmp_path / "stops" / "last.pth").exists()
+
+
+def test_ddp_on_two_cpu_processes(data, tmp_path):
+    args = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "smoothsa.train",
+            "--preset", "smoothsa_r-coco", "--data", str(data), "--out", str(tmp_path / "ddp"), "--workers", "0",
+            "--amp", "none", *_overrides()]
+    proc = _cli(args, tmp_path, env={"OMP_NUM_THREADS": "1"})
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert "batch 4 per process × 2 = 8 global" in output
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["step"] == 12
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--preset", "nope", "--data", "x"], "unknown preset 'nope'"),
+        (["--preset", "smoothsa_r-coco"], "--data is required"),
+        (["--preset", "smoothsa_r-coco", "--data", "/nonexistent/coco", "--set", "model.backbone=patch",
+          "--set", "model.image_size=32", "--set", "model.grid=4"], "no train split at /nonexistent/coco/train.lmdb"),
+        (["--preset", "smoothsa_r-coco", "--data", "x", "--set", "optim.lr=fast"], "expected float"),
+    ],
+)
+def test_training_cli_rejects_bad_input(tmp_path, args, message):
+    proc = _cli(["smoothsa.train", *args, "--out", str(tmp_path / "run")], tmp_path)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and message in output, output
+
+
+def test_eval_cli_names_keys_of_a_wrong_checkpoint(data, tmp_path):
+    spot = smoothsa.build_model(apply_overrides(get_preset("spot_r-coco"), TINY).model)
+    torch.save(smoothsa.official_state_dict(spot), tmp_path / "spot.pth")
+    proc = _cli(["smoothsa.eval", "--preset", "smoothsa_r-coco", "--ckpt", str(tmp_path / "spot.pth"),
+                 "--data", str(data), "--device", "cpu", *_overrides()], tmp_path)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "m.decode.bos" in output and "missing key" in output, output
