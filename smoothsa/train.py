@@ -151,11 +151,6 @@ def set_detach_flag(model: torch.nn.Module, value: bool) -> None:
             module.detach_flag.fill_(value)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DistributedDataParallel
-
-
 @torch.no_grad()
 def validate(model, loader, preset: Preset, device, amp: str, official_compat: bool, seed: int, dist_: Distributed) -> dict:
     """Losses and metrics over the whole validation split (this process's shard, then all-reduced)."""
@@ -258,10 +253,10 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
     if use_compile:
         net = torch.compile(net)
     if dist_.main:
+        fused = getattr(model, "discov", model).aggregat.fused
         print(f"{preset.name}: {total} steps, batch {optim.batch_size} per process × {dist_.world_size} = "
               f"{optim.batch_size * dist_.world_size} global, device {device}, amp {amp}, compile {use_compile}, "
-              f"fused {unwrap(model).aggregat.fused if hasattr(unwrap(model), 'aggregat') else unwrap(model).discov.aggregat.fused}",
-              flush=True)
+              f"fused kernels {fused}", flush=True)
 
     stop = {"signal": None}
 
