@@ -67,9 +67,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """The training procedure of SPEC §4. clip_type: "l2" or "inf"; clip_norm None: no clipping."""
+    """The training procedure of SPEC §4. clip_type: "l2" or "inf"; clip_norm None: no clipping.
+    validations: how many times a run validates, evenly spaced (the official val_interval = total/40)."""
 
     total_steps: int = 100_000
+    validations: int = 40
     batch_size: int = 32
     val_batch_size: int = 32
     lr: float = 2e-4

@@ -265,7 +265,7 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     logger = Logger(out, dist_.main)
-    val_interval = max(1, total // 40)
+    val_interval = max(1, total // optim.validations)
     results: dict = {}
     bad_in_row = 0
     progress = tqdm(total=total, initial=step, disable=not dist_.main, dynamic_ncols=True, desc=preset.name)
