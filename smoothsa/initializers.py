@@ -36,8 +36,9 @@ class _Preheated(nn.Module):
         )
 
     def _preheat(self, smpl: torch.Tensor, encode: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.detach_flag:  # keeps the preheat loss out of encode_project early in training
-            encode = encode.detach()
+        # Keeps the preheat loss out of encode_project early in training. A select, not an `if` on the
+        # buffer: same values and gradients, but no host sync and no graph break under torch.compile.
+        encode = torch.where(self.detach_flag, encode.detach(), encode)
         qinit = self.qinit(smpl, self.qproj_kv(encode))[0]  # (B, S, D)
         query = qinit.detach()
         if self.training:
