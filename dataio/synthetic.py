@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .records import LmdbWriter, encode_jpeg, encode_png
 
 SHAPES = ("circle", "square", "triangle")
+OBJECT_SIZE = (1 / 8, 1 / 3)  # object sides, as fractions of the shorter image side
 # saturated, well-separated colours: objects must be told apart by colour alone at 16x16 tokens
 PALETTE = np.array(
     [
@@ -81,13 +82,15 @@ def _background(rng: np.random.Generator, height: int, width: int, textured: boo
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _objects(rng: np.random.Generator, height: int, width: int, num_objects: tuple[int, int]) -> list[dict]:
+def _objects(
+    rng: np.random.Generator, height: int, width: int, num_objects: tuple[int, int], object_size: tuple[float, float]
+) -> list[dict]:
     count = int(rng.integers(num_objects[0], num_objects[1] + 1))
     colours = rng.choice(len(PALETTE), size=count, replace=False)
     side = min(height, width)
     objects = []
     for colour in colours:
-        size = rng.uniform(1 / 8, 1 / 3) * side
+        size = rng.uniform(*object_size) * side
         objects.append(
             dict(
                 kind=int(rng.integers(len(SHAPES))),
@@ -123,6 +126,7 @@ def render_scene(
     num_objects: tuple[int, int] = (2, 6),
     textured: bool = True,
     min_visible: float = 0.5,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> dict:
     """One image scene with exact instance masks.
 
@@ -132,6 +136,7 @@ def render_scene(
         num_objects: inclusive range of the object count.
         textured: textured (else plain) background.
         min_visible: objects are re-placed (up to 20 tries) until each keeps this visible fraction.
+        object_size: range of object sides as fractions of the shorter image side.
 
     Shapes:
         image (H, W, 3) uint8 RGB; segment (H, W) uint8, 0 = background, k = object k - 1;
@@ -140,7 +145,7 @@ def render_scene(
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     background = _background(rng, height, width, textured)
     for _ in range(20):
-        objects = _objects(rng, height, width, num_objects)
+        objects = _objects(rng, height, width, num_objects, object_size)
         image, segment, full = _paint(objects, background, yy, xx)
         visible = [np.count_nonzero(segment == k + 1) / max(np.count_nonzero(m), 1) for k, m in enumerate(full)]
         if min(visible) >= min_visible:
@@ -156,6 +161,7 @@ def render_video(
     num_frames: int = 12,
     num_objects: tuple[int, int] = (2, 6),
     textured: bool = True,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> dict:
     """A clip of objects moving with constant velocity (bouncing off the borders) over a fixed background.
 
@@ -166,7 +172,7 @@ def render_video(
     """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     background = _background(rng, height, width, textured)
-    objects = _objects(rng, height, width, num_objects)
+    objects = _objects(rng, height, width, num_objects, object_size)
     speed = min(height, width) / 40
     for obj in objects:
         heading = rng.uniform(0, 2 * np.pi)
@@ -249,6 +255,7 @@ def write_synthetic(
     layout: Literal["movi", "ytvis"] = "movi",
     seed: int = 0,
     progress: bool = False,
+    object_size: tuple[float, float] = OBJECT_SIZE,
 ) -> Path:
     """Writes `<dst>/<split>.lmdb` with `num` synthetic images (or clips); returns its path.
 
@@ -267,6 +274,7 @@ def write_synthetic(
         layout: "movi" (PNG frames) or "ytvis" (JPEG frames) for videos.
         seed: base seed.
         progress: show a progress bar.
+        object_size: range of object sides as fractions of the shorter image side.
     """
     path = Path(dst) / f"{split}.lmdb"
     split_id = zlib.crc32(split.encode())
@@ -274,10 +282,10 @@ def write_synthetic(
         for i in tqdm(range(num), desc=f"synthetic {split}", disable=not progress):
             rng = np.random.default_rng([seed, split_id, i])
             if video:
-                clip = render_video(rng, height, width, num_frames, num_objects, textured)
+                clip = render_video(rng, height, width, num_frames, num_objects, textured, object_size)
                 writer.append(video_record(clip, layout))
             else:
-                scene = render_scene(rng, height, width, num_objects, textured)
+                scene = render_scene(rng, height, width, num_objects, textured, object_size=object_size)
                 writer.append(image_record(scene, image_format))
     return path
 
@@ -292,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--objects", type=int, nargs=2, default=[2, 6], metavar=("MIN", "MAX"))
     parser.add_argument("--plain", action="store_true", help="plain backgrounds")
+    parser.add_argument("--object-size", type=float, nargs=2, default=list(OBJECT_SIZE), metavar=("MIN", "MAX"),
+                        help="object sides as fractions of the shorter image side")
     parser.add_argument("--jpeg", action="store_true", help="JPEG images / YTVIS-layout video frames")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -299,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     path = write_synthetic(
         args.dst, args.split, args.num, args.video, height, width, args.frames, tuple(args.objects),
         textured=not args.plain, image_format="jpeg" if args.jpeg else "png",
-        layout="ytvis" if args.jpeg else "movi", seed=args.seed, progress=True,
+        layout="ytvis" if args.jpeg else "movi", seed=args.seed, progress=True, object_size=tuple(args.object_size),
     )  # fmt: skip
     print(path)
 
