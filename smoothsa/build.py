@@ -31,7 +31,7 @@ def build_model(name: str | ModelConfig, backbone: bool = True, **overrides) -> 
         from smoothsa.recognition import ObjDiscovRecogn
 
         discovery = dataclasses.replace(config, arch=_discovery_arch(config), discovery=None, num_classes=None)
-        return ObjDiscovRecogn(_build_discovery(discovery, backbone), config.num_classes)
+        return ObjDiscovRecogn(_build_discovery(discovery, backbone), config.num_classes, slot_dim=config.slot_dim)
     return _build_discovery(config, backbone)
 
 

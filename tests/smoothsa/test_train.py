@@ -153,3 +153,17 @@ def test_eval_cli_names_keys_of_a_wrong_checkpoint(data, tmp_path):
                  "--data", str(data), "--device", "cpu", *_overrides()], tmp_path)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and "m.decode.bos" in output and "missing key" in output, output
+
+
+def test_recognition_probe_trains_on_a_frozen_discovery_checkpoint(data, tmp_path):
+    discovery = tiny("data.dataset=coco")  # synthetic records carry COCO's clazz / isthing fields
+    train(discovery, data, tmp_path / "discovery", OPTIONS)
+    probe = apply_overrides(get_preset("smoothsa_r_recogn-coco"), TINY + ["data.dataset=coco", "model.num_classes=4"])
+    with pytest.raises(ValueError, match="--discovery-ckpt"):
+        train(probe, data, tmp_path / "probe", OPTIONS)
+    results = train(probe, data, tmp_path / "probe", OPTIONS, discovery_ckpt=tmp_path / "discovery" / "last.pth")
+    assert set(results) >= {"top1", "top3", "iou", "num", "loss_ce", "loss_l1"} and results["num"] > 0
+    state = read_checkpoint(tmp_path / "probe" / "last.pth")
+    before = read_checkpoint(tmp_path / "discovery" / "last.pth")
+    assert torch.equal(state["m.discov.aggregat.proj_q.weight"], before["m.aggregat.proj_q.weight"])  # frozen
+    assert state["m.recogn.3.weight"].shape == (4 + 4, 512)
