@@ -3,8 +3,6 @@ official checkpoints (`m.encode_backbone.1.*`, i.e. timm's `vit_small_patch14_re
 
 Shapes: B batch, P = 16·16 patch tokens, R = 4 registers, D = 384 channels.
 """
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -137,31 +135,19 @@ def dinov2_backbone() -> nn.Sequential:
 
 class PatchFeatures(nn.Module):
     """A fixed feature extractor that needs no download: an untrained ViT patch embedding. Each image patch
-    (side image_size / grid) goes through a frozen random Gaussian projection to `feature_dim` channels, and a
-    fixed 2-D sinusoidal position code is added, as DINOv2's tokens also carry their position.
+    (side image_size / grid) goes through a frozen random Gaussian projection to `feature_dim` channels.
 
     It keeps what grouping needs on scenes whose objects differ in colour (two patches of one uniformly
-    coloured object get the same content features; mixed patches land in between), lets slots know where
-    their object is, is deterministic for a seed, and costs one strided convolution. It stands in for DINOv2
-    where its weights cannot be fetched.
-
-    Args:
-        image_size, grid: input side and token grid side.
-        feature_dim: channels; even, half of them carry the sinusoidal position code.
-        position_scale: weight of the position code against the content (unit variance each at 1).
-        seed: seed of the projection.
+    coloured object get the same features; mixed patches land in between), is deterministic for a seed, and
+    costs one strided convolution. It stands in for DINOv2 where its weights cannot be fetched.
 
     Shapes: image (B, 3, image_size, image_size) → features (B, feature_dim, grid, grid).
     """
 
-    def __init__(
-        self, image_size: int = 128, grid: int = 16, feature_dim: int = 384, position_scale: float = 1.0, seed: int = 0
-    ):
+    def __init__(self, image_size: int = 128, grid: int = 16, feature_dim: int = 384, seed: int = 0):
         super().__init__()
         if image_size % grid:
             raise ValueError(f"PatchFeatures: image_size {image_size} is not a multiple of grid {grid}")
-        if feature_dim % 4:
-            raise ValueError(f"PatchFeatures: feature_dim must be a multiple of 4, got {feature_dim}")
         patch = image_size // grid
         self.image_size = image_size
         self.proj = nn.Conv2d(3, feature_dim, patch, patch, bias=False)
@@ -170,26 +156,10 @@ class PatchFeatures(nn.Module):
         with torch.no_grad():
             self.proj.weight.copy_(weight)
         self.requires_grad_(False)
-        self.register_buffer("position", position_scale * sincos_position(grid, feature_dim), persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 4 or image.shape[1] != 3 or image.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"PatchFeatures: expected images (B, 3, {self.image_size}, {self.image_size}), got {tuple(image.shape)}"
             )
-        return self.proj(image) + self.position.to(image.dtype)
-
-
-def sincos_position(grid: int, dim: int) -> torch.Tensor:
-    """(dim, grid, grid) 2-D sinusoidal code with unit variance per channel: dim/4 frequencies per axis, sin
-    and cos of each, geometrically spaced from one period over the grid down to four tokens (at two tokens,
-    the Nyquist period, the sine would vanish on every token)."""
-    quarter = dim // 4
-    coords = torch.arange(grid, dtype=torch.float64) / grid  # (g,)
-    shortest = min(1.0, 4 / grid)
-    periods = torch.logspace(0, math.log10(shortest), quarter, dtype=torch.float64)  # in units of the grid side
-    angles = 2 * math.pi * coords[:, None] / periods[None]  # (g, dim/4)
-    codes = torch.cat([angles.sin(), angles.cos()], -1) * math.sqrt(2)  # (g, dim/2), unit variance
-    rows = codes[:, None, :].expand(grid, grid, -1)
-    cols = codes[None, :, :].expand(grid, grid, -1)
-    return torch.cat([rows, cols], -1).permute(2, 0, 1).float()  # (dim, g, g)
+        return self.proj(image)

@@ -3,7 +3,7 @@
 It writes a synthetic dataset (if absent), trains the `demo` preset on the CPU, evaluates it, compares it with
 two trivial segmentations, and writes metrics and pictures:
 
-    runs/demo/data/{train,val}.lmdb    synthetic scenes of 2–6 coloured shapes, 128×128
+    runs/demo/data/{train,val}.lmdb    synthetic scenes of 2–4 coloured shapes on textured grounds, 128×128
     runs/demo/ckpt-*.pth, last.pth     checkpoints (official key layout), state.pt (for --resume)
     runs/demo/eval/metrics.json        ARI, ARI-fg, mBO, mIoU on the validation split, with the baselines
     runs/demo/eval/slots.png           image | ground truth | prediction | one tile per slot
@@ -23,13 +23,16 @@ from smoothsa.presets import apply_overrides, get_preset
 
 TRAIN_IMAGES = 5000
 VAL_IMAGES = 256
+# 2–4 objects whose sides are 1/4 to 1/2 of the image: a 16×16 token grid resolves them, and a fixed grid of
+# blocks, which scores well on FG-ARI when objects are small enough to rarely straddle a block, does not.
+SCENES = dict(num_objects=(2, 4), object_size=(0.25, 0.5))
 
 
 def ensure_data(root: Path, size: int) -> Path:
     """Writes the synthetic splits unless they are there (each LMDB file appears only once complete)."""
     for split, num in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES)):
         if not (root / f"{split}.lmdb").exists():
-            write_synthetic(root, split, num=num, height=size, width=size, seed=0, progress=True)
+            write_synthetic(root, split, num=num, height=size, width=size, seed=0, progress=True, **SCENES)
     return root
 
 

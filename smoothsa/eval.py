@@ -67,8 +67,8 @@ def save_pictures(out: Path, pixels: torch.Tensor, segment: torch.Tensor, output
     size = tuple(pixels.shape[-2:])
     pred = segments_from_attention(output.attn_dec.float(), size)
     if pixels.dim() == 5:
-        return visualize.save_video_gif(out / "slots.gif", pixels, segment, pred, output.attn_dec, most=min(most, 4))
-    return visualize.save_image_grid(out / "slots.png", pixels, segment, pred, output.attn_dec, most=most)
+        return visualize.save_video_gif(out / "slots.gif", pixels, segment, pred, most=min(most, 4))
+    return visualize.save_image_grid(out / "slots.png", pixels, segment, pred, most=most)
 
 
 def main(argv=None) -> None:

@@ -127,9 +127,11 @@ def _demo() -> Preset:
     """The embedded demo: SmoothSA at a size a 2-core CPU trains in minutes, on synthetic scenes of coloured
     shapes (`smoothsa.dataio.synthetic`), with `PatchFeatures` standing in for DINOv2 (no download)."""
     model = ModelConfig(
-        num_slots=7, backbone="patch", image_size=128, grid=16, feature_dim=128, slot_dim=64, decoder_layers=2,
+        num_slots=7, backbone="patch", image_size=128, grid=16, feature_dim=64, slot_dim=64, decoder_layers=1,
     )
-    optim = OptimConfig(total_steps=1500, batch_size=32, val_batch_size=64, lr=4e-4)
+    # Short and fast: the cosine schedule brings the lr to ~0 by step 300, where the object grouping on these
+    # scenes is at its best; longer runs at this lr drift to finer, less object-like partitions.
+    optim = OptimConfig(total_steps=300, batch_size=32, val_batch_size=64, lr=1e-3, validations=3)
     return Preset("demo", model, DataConfig("synthetic"), optim)
 
 

@@ -1,15 +1,14 @@
 """Pictures of what the slots found: PNG grids for images, animated GIFs for videos (Pillow only).
 
 Each row of a grid is one sample: the image, the ground-truth segments, the predicted segments (both as
-colour overlays), then one tile per slot showing its attention mask over the image.
+colour overlays), then one tile per slot: the pixels the slot wins, the rest dimmed.
 
-Shapes: B batch, T frames, H×W image, C ground-truth channels, S slots, h×w attention grid.
+Shapes: B batch, T frames, H×W image, C ground-truth channels, S slots.
 """
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 # ImageNet statistics on the 0–255 scale, as the data pipeline normalises (SPEC §2.1).
@@ -46,43 +45,36 @@ def overlay(rgb: np.ndarray, segments: torch.Tensor, alpha: float = 0.6) -> np.n
     return np.where(labelled, mixed, rgb * 0.5).astype(np.uint8)
 
 
-def slot_tiles(rgb: np.ndarray, attn: torch.Tensor) -> list[np.ndarray]:
-    """One tile per slot: the image weighted by the slot's attention. attn (S, h, w) → S × (H, W, 3)."""
-    h, w = rgb.shape[:2]
-    maps = F.interpolate(attn.detach().float().cpu()[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    maps = maps / maps.amax((1, 2), keepdim=True).clamp_min(1e-8)
-    return [(rgb * m.numpy()[..., None]).astype(np.uint8) for m in maps]
+def slot_tiles(rgb: np.ndarray, pred: torch.Tensor, dim: float = 0.15) -> list[np.ndarray]:
+    """One tile per slot: its pixels as they are, the others dimmed. pred (H, W, S) bool → S × (H, W, 3)."""
+    masks = pred.detach().cpu().bool().numpy()
+    return [(rgb * np.where(masks[..., s, None], 1.0, dim)).astype(np.uint8) for s in range(masks.shape[-1])]
 
 
-def sample_row(image: torch.Tensor, true: torch.Tensor | None, pred: torch.Tensor, attn: torch.Tensor) -> np.ndarray:
-    """image (3, H, W), true (H, W, C) or None, pred (H, W, S), attn (S, h, w) → (H, W·(3 + S), 3) uint8."""
+def sample_row(image: torch.Tensor, true: torch.Tensor | None, pred: torch.Tensor) -> np.ndarray:
+    """image (3, H, W), true (H, W, C) or None, pred (H, W, S) → (H, W·(3 + S), 3) uint8."""
     rgb = denormalize(image)
     blank = np.zeros_like(rgb)
-    tiles = [rgb, overlay(rgb, true) if true is not None else blank, overlay(rgb, pred)] + slot_tiles(rgb, attn)
+    tiles = [rgb, overlay(rgb, true) if true is not None else blank, overlay(rgb, pred)] + slot_tiles(rgb, pred)
     return np.concatenate(tiles, axis=1)
 
 
-def save_image_grid(path: str | Path, images, true, pred, attn, most: int = 8) -> Path:
-    """PNG grid of up to `most` samples. images (B, 3, H, W); true (B, H, W, C) or None; pred (B, H, W, S);
-    attn (B, S, h, w)."""
-    rows = [
-        sample_row(images[b], None if true is None else true[b], pred[b], attn[b]) for b in range(min(most, len(images)))
-    ]
+def save_image_grid(path: str | Path, images, true, pred, most: int = 8) -> Path:
+    """PNG grid of up to `most` samples. images (B, 3, H, W); true (B, H, W, C) or None; pred (B, H, W, S)."""
+    rows = [sample_row(images[b], None if true is None else true[b], pred[b]) for b in range(min(most, len(images)))]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
     return path
 
 
-def save_video_gif(path: str | Path, video, true, pred, attn, most: int = 4, frame_ms: int = 250) -> Path:
+def save_video_gif(path: str | Path, video, true, pred, most: int = 4, frame_ms: int = 250) -> Path:
     """Animated GIF, one grid per frame. video (B, T, 3, H, W); true (B, T, H, W, C) or None;
-    pred (B, T, H, W, S); attn (B, T, S, h, w)."""
+    pred (B, T, H, W, S)."""
     count = min(most, len(video))
     frames = []
     for t in range(video.shape[1]):
-        rows = [
-            sample_row(video[b, t], None if true is None else true[b, t], pred[b, t], attn[b, t]) for b in range(count)
-        ]
+        rows = [sample_row(video[b, t], None if true is None else true[b, t], pred[b, t]) for b in range(count)]
         frames.append(Image.fromarray(np.concatenate(rows, axis=0)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
