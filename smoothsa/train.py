@@ -300,7 +300,7 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
                     if bad_in_row > options.max_bad_steps:
                         raise FloatingPointError(
                             f"{bad_in_row} consecutive steps had a non-finite loss (last at step {step}: "
-                            f"{ {k: float(v) for k, v in terms.items()} }); stopping. Lower optim.lr or use --amp bf16/none."
+                            f"{ {k: float(v.detach()) for k, v in terms.items()} }); stopping. Lower optim.lr or use --amp bf16/none."
                         )
                     continue
                 bad_in_row = 0

@@ -101,8 +101,16 @@ EXPECTED = {
 COUNTS = {"smoothsa_r-coco": (81, 254), "smoothsav_c-movi_c": (98, 271), "smoothsav_r-ytvis": (93, 266), "spot_r-coco": (68, 241)}
 
 
-def test_every_preset_has_an_expected_key_list():
-    assert set(EXPECTED) == set(PRESETS)
+def test_every_official_preset_has_an_expected_key_list():
+    assert set(EXPECTED) == set(PRESETS) - {"demo"}
+
+
+def test_demo_keeps_the_official_key_names_at_its_own_sizes():
+    ours = smoothsa.official_state_dict(smoothsa.build_model("demo", backbone=False))
+    one_layer = [k for k in IMAGE if not k.startswith(("m.decode.backbone.layers.1.", "m.decode.backbone.layers.2.",
+                                                         "m.decode.backbone.layers.3."))]  # the demo decodes with one layer
+    assert list(ours) == one_layer
+    assert ours["m.aggregat.proj_q.weight"].shape == (64, 64) and ours["m.decode.posit_embed._pe"].shape == (1, 256, 64)
 
 
 def test_backbone_has_173_keys():
