@@ -43,27 +43,43 @@ def zero_biases(*modules: nn.Module) -> None:
 
 
 class _SlotModel(nn.Module):
-    """Backbone + token projection shared by all models.
+    """What all models share: the frozen backbone, the token projection, initializer, slot attention, decoder.
 
     Args:
         encode_backbone: the frozen backbone, or None: the model then takes the (B, [T,] Dv, h, w) feature map.
         encode_project: the token MLP, Dv → Dv.
+        initializ: the slot initializer.
+        aggregat: `SlotAttention`.
+        decode: the decoder.
+        transit: video models only, `RSFQTransit`.
         resolution: the feature grid (h, w).
         feature_dim: Dv.
         image_size: the side of the images the backbone expects.
     """
 
-    def _build_encoder(
-        self, encode_backbone: nn.Module | None, encode_project: nn.Module, resolution: tuple[int, int],
-        feature_dim: int, image_size: int,
-    ) -> None:
+    # Modules whose Linear / GRU biases the official `reset_parameters` zeroes.
+    zeroed_biases: tuple[str, ...] = ("encode_posit_embed", "encode_project", "aggregat")
+
+    def __init__(
+        self, encode_backbone: nn.Module | None, encode_project: nn.Module, initializ: nn.Module, aggregat: nn.Module,
+        decode: nn.Module, transit: nn.Module | None = None, resolution: tuple[int, int] = (16, 16),
+        feature_dim: int = 384, image_size: int = 256,
+    ):
+        super().__init__()
         self.has_backbone = encode_backbone is not None
         self.resolution = tuple(resolution)
         self.feature_dim = feature_dim
         self.image_size = image_size
+        # Registration order = the official state_dict order.
         self.encode_backbone = encode_backbone if self.has_backbone else nn.Identity()
         self.encode_posit_embed = nn.Identity()
         self.encode_project = encode_project
+        self.initializ = initializ
+        self.aggregat = aggregat
+        self.decode = decode
+        if transit is not None:
+            self.transit = transit
+        zero_biases(*(getattr(self, name) for name in self.zeroed_biases))
 
     def _expected_input(self) -> tuple[int, int, int]:
         if self.has_backbone:
@@ -99,28 +115,11 @@ class _SlotModel(nn.Module):
 class SmoothSA(_SlotModel):
     """Image SmoothSA: preheated slot initialization, bi-level slot attention, random-mask transformer decoder.
 
-    Args:
-        encode_backbone: frozen DINOv2, or None for a model that takes features.
-        encode_project: token MLP.
-        initializ: `NormalSharedPreheated`.
-        aggregat: `SlotAttention`.
-        decode: `ARRandTransformerDecoder`.
-        resolution, feature_dim, image_size: see `_SlotModel`.
+    Args: see `_SlotModel`; `initializ` is a `NormalSharedPreheated`, `decode` an `ARRandTransformerDecoder`.
 
     Shapes: input (B, 3, 256, 256) images or (B, 384, 16, 16) features → `SlotOutput`.
     `init_noise` (B, S, Ds) replaces the initializer's N(0, 1) draw, making evaluation reproducible.
     """
-
-    def __init__(
-        self, encode_backbone: nn.Module | None, encode_project: nn.Module, initializ: nn.Module, aggregat: nn.Module,
-        decode: nn.Module, resolution: tuple[int, int] = (16, 16), feature_dim: int = 384, image_size: int = 256,
-    ):
-        super().__init__()
-        self._build_encoder(encode_backbone, encode_project, resolution, feature_dim, image_size)
-        self.initializ = initializ
-        self.aggregat = aggregat
-        self.decode = decode
-        zero_biases(self.encode_posit_embed, self.encode_project, self.aggregat)
 
     def forward(self, input: torch.Tensor, condit: torch.Tensor | None = None, init_noise: torch.Tensor | None = None):
         self._check_input(input, video=False)
@@ -144,18 +143,7 @@ class SmoothSAVideo(_SlotModel):
     for `NormalMlpPreheated`, None for `NormalSharedPreheated` → `SlotOutput` with a T axis (qinit: frame 0).
     """
 
-    def __init__(
-        self, encode_backbone: nn.Module | None, encode_project: nn.Module, initializ: nn.Module, aggregat: nn.Module,
-        decode: nn.Module, transit: nn.Module, resolution: tuple[int, int] = (16, 16), feature_dim: int = 384,
-        image_size: int = 256,
-    ):
-        super().__init__()
-        self._build_encoder(encode_backbone, encode_project, resolution, feature_dim, image_size)
-        self.initializ = initializ
-        self.aggregat = aggregat
-        self.decode = decode
-        self.transit = transit
-        zero_biases(self.encode_posit_embed, self.encode_project, self.aggregat, self.transit)
+    zeroed_biases = ("encode_posit_embed", "encode_project", "aggregat", "transit")
 
     def forward(self, input: torch.Tensor, condit: torch.Tensor | None = None, init_noise: torch.Tensor | None = None):
         self._check_input(input, video=True)
@@ -193,16 +181,7 @@ class SPOT(_SlotModel):
     Shapes: input (B, 3, 256, 256) or (B, 384, 16, 16) → `SlotOutput` whose `qinit` is the sampled query.
     """
 
-    def __init__(
-        self, encode_backbone: nn.Module | None, encode_project: nn.Module, initializ: nn.Module, aggregat: nn.Module,
-        decode: nn.Module, resolution: tuple[int, int] = (16, 16), feature_dim: int = 384, image_size: int = 256,
-    ):
-        super().__init__()
-        self._build_encoder(encode_backbone, encode_project, resolution, feature_dim, image_size)
-        self.initializ = initializ
-        self.aggregat = aggregat
-        self.decode = decode
-        zero_biases(self.encode_posit_embed, self.encode_project, self.aggregat, self.decode)
+    zeroed_biases = ("encode_posit_embed", "encode_project", "aggregat", "decode")
 
     def forward(self, input: torch.Tensor, condit: torch.Tensor | None = None, init_noise: torch.Tensor | None = None):
         self._check_input(input, video=False)

@@ -120,3 +120,11 @@ def test_bad_inputs_are_named():
         smoothsa.SlotAttention()(torch.randn(2, 10, 384), torch.randn(2, 7, 128))
     with pytest.raises(ValueError, match=r"input must be \(B, N, 384\)"):
         smoothsa.SlotAttention()(torch.randn(2, 10, 256), torch.randn(2, 7, 256))
+
+
+def test_official_reset_zeroes_the_right_biases():
+    image = smoothsa.build_model("smoothsa_r-coco", backbone=False)
+    assert image.encode_project[1].bias.abs().sum() == 0 and image.aggregat.rnn.bias_ih.abs().sum() == 0
+    assert image.initializ.qproj_kv.bias.abs().sum() > 0  # the initializer keeps PyTorch's default init
+    video = smoothsa.build_model("smoothsav_r-ytvis", backbone=False)
+    assert video.transit.proji.bias.abs().sum() == 0 and video.aggregat.ffn[0].bias.abs().sum() == 0

@@ -57,8 +57,9 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     run = tmp_path / "killed"
     args = args(run)
     proc = _cli(args, tmp_path)
-    deadline = time.time() + 120
-    while not (run / "ckpt-0000007.pth").exists() and time.time() < deadline and proc.poll() is None:
+    for _ in range(2400):  # polls for up to two minutes
+        if (run / "ckpt-0000007.pth").exists() or proc.poll() is not None:
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: only atomically written files survive
     proc.wait()
