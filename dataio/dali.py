@@ -19,7 +19,6 @@ differently.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import deque
 from typing import Iterator
@@ -36,7 +35,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .datasets import Encoded, LmdbDataset
-from .loader import epoch_order, single_threaded
+from .loader import EpochLoader, single_threaded
 from .records import RecordError, encode_png, image_size
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed, draw_params, pad_collate
 
@@ -107,18 +106,13 @@ def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
     return out
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """Iterating yields one epoch of padded batches decoded and augmented by DALI.
 
-    Args:
-        dataset: an LMDB reader; its `is_training`, `resolution` and `finish` are used.
-        batch_size: samples per batch.
-        is_training: shuffle and augment.
+    Args: as `loader.EpochLoader` (same seed, same order, same augmentations as the torch loader), plus
         num_threads: DALI CPU threads.
-        seed: base seed (same meaning as for the torch loader: same order, same augmentations).
-        drop_last: drop the last incomplete batch.
         device_id: CUDA device ("mixed" decoding, GPU resize), or None for CPU-only DALI.
-        rank, world_size: this process's share of every epoch (see `loader.epoch_order`).
+    The dataset's `is_training`, `resolution` and `finish` are used.
     """
 
     def __init__(
@@ -133,29 +127,12 @@ class DaliLoader:
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.dataset = dataset
-        self.rank = rank
-        self.world_size = world_size
-        self.batch_size = batch_size
-        self.is_training = is_training
+        super().__init__(dataset, batch_size, is_training, seed, drop_last, rank, world_size)
         self.num_threads = num_threads
-        self.seed = seed
-        self.drop_last = drop_last
         self.device_id = device_id
-        self.epoch = 0
-        self.skip_batches = 0
         clip = getattr(dataset, "clip_length", None) if is_training else None
         # a chunk is what one pipeline run processes; longer videos simply span several chunks
         self.max_items = batch_size * (clip or (24 if dataset.is_video else 1))
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """As `TorchLoader.set_epoch`."""
-        self.epoch = epoch
-        self.skip_batches = skip_batches
-
-    def __len__(self) -> int:
-        full, rest = divmod(math.ceil(len(self.dataset) / self.world_size), self.batch_size)
-        return full + (rest > 0 and not self.drop_last)
 
     def _plan(self, order: list[int], augment_seed: int) -> Iterator[tuple[list[Encoded], list[tuple]]]:
         """Per batch: the encoded samples and, per frame, (image, segment, anchor, shape, flip)."""
@@ -178,10 +155,7 @@ class DaliLoader:
             yield samples, frames
 
     def __iter__(self) -> Iterator[dict]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        self._skipped, self.skip_batches = min(self.skip_batches, len(self)), 0
-        order = epoch_order(len(self.dataset), self.seed, epoch, self.is_training, self.rank, self.world_size)
-        order = order[self._skipped * self.batch_size :]
+        epoch, self._skipped, order = self._start_epoch()
         plan = self._plan(order, derive_seed(self.seed, epoch))
         with_segment = self.dataset.with_segment
         pending: deque = deque()  # per chunk handed to DALI, in order: (samples, last chunk of the batch)

@@ -75,41 +75,28 @@ def seed_worker(worker: int, seed: int, epoch: int) -> None:
     np.random.seed(value)
 
 
-class TorchLoader:
-    """Iterating yields one epoch of padded batches; each pass is a new epoch.
+class EpochLoader:
+    """What the torch and DALI loaders share: the epoch counter, resuming mid-epoch, the shard size.
 
     Args:
         dataset: one of the LMDB readers (or any map-style dataset of sample dicts).
         batch_size: samples per batch.
         is_training: shuffle (seeded per epoch); the dataset's own flag decides the augmentations.
-        num_workers: DataLoader worker processes (0: load in this process).
         seed: base seed of the order and the augmentations.
         drop_last: drop the last incomplete batch.
-        pin_memory: pin host memory (faster host-to-GPU copies).
         rank, world_size: this process's share of every epoch (see `epoch_order`).
     """
 
     def __init__(
-        self,
-        dataset: LmdbDataset,
-        batch_size: int,
-        is_training: bool,
-        num_workers: int = 0,
-        seed: int = 0,
-        drop_last: bool = False,
-        pin_memory: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
+        self, dataset, batch_size: int, is_training: bool, seed: int, drop_last: bool, rank: int, world_size: int
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.is_training = is_training
-        self.num_workers = num_workers
         self.seed = seed
         self.drop_last = drop_last
-        self.pin_memory = pin_memory
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -125,16 +112,46 @@ class TorchLoader:
         full, rest = divmod(math.ceil(len(self.dataset) / self.world_size), self.batch_size)
         return full + (rest > 0 and not self.drop_last)
 
-    def __iter__(self) -> Iterator[dict]:
+    def _start_epoch(self) -> tuple[int, int, list[int]]:
+        """Advances to the next epoch: its number, the batches skipped, and the sample order after them."""
         epoch, self.epoch = self.epoch, self.epoch + 1
-        skip, self.skip_batches = self.skip_batches, 0
+        skip, self.skip_batches = min(self.skip_batches, len(self)), 0
+        order = epoch_order(len(self.dataset), self.seed, epoch, self.is_training, self.rank, self.world_size)
+        return epoch, skip, order[skip * self.batch_size :]
+
+
+class TorchLoader(EpochLoader):
+    """Iterating yields one epoch of padded batches; each pass is a new epoch.
+
+    Args: as `EpochLoader`, plus
+        num_workers: DataLoader worker processes (0: load in this process).
+        pin_memory: pin host memory (faster host-to-GPU copies).
+    """
+
+    def __init__(
+        self,
+        dataset: LmdbDataset,
+        batch_size: int,
+        is_training: bool,
+        num_workers: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(dataset, batch_size, is_training, seed, drop_last, rank, world_size)
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, _, order = self._start_epoch()
         if hasattr(self.dataset, "augment_seed"):
             self.dataset.augment_seed = derive_seed(self.seed, epoch)  # copied into the workers below
-        order = epoch_order(len(self.dataset), self.seed, epoch, self.is_training, self.rank, self.world_size)
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=order[skip * self.batch_size :],
+            sampler=order,
             num_workers=self.num_workers,
             collate_fn=pad_collate,
             pin_memory=self.pin_memory,
