@@ -133,18 +133,42 @@ def dinov2_backbone() -> nn.Sequential:
     return backbone
 
 
+def sincos_position_code(grid: int, dim: int) -> torch.Tensor:
+    """A fixed 2-D sin-cos position code, (grid·grid, dim) in row-major token order.
+
+    Channels are four blocks of dim/4: sin and cos of the row index, then of the column index, at wavelengths
+    spaced geometrically from 2 tokens to 4·grid tokens, so nearby tokens get similar codes and every token of
+    the grid a distinct one.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos_position_code: dim {dim} is not a multiple of 4")
+    quarter = dim // 4
+    wavelength = 2.0 * (2.0 * grid) ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1))
+    index = torch.arange(grid, dtype=torch.float64)
+    row, col = torch.meshgrid(index, index, indexing="ij")
+    angle_row = row.reshape(-1, 1) * (2 * torch.pi / wavelength)  # (grid·grid, quarter)
+    angle_col = col.reshape(-1, 1) * (2 * torch.pi / wavelength)
+    return torch.cat([angle_row.sin(), angle_row.cos(), angle_col.sin(), angle_col.cos()], 1).float()
+
+
 class PatchFeatures(nn.Module):
-    """A fixed feature extractor that needs no download: an untrained ViT patch embedding. Each image patch
-    (side image_size / grid) goes through a frozen random Gaussian projection to `feature_dim` channels.
+    """A fixed feature extractor that needs no download: an untrained ViT input layer. Each image patch (side
+    image_size / grid) goes through a frozen random Gaussian projection to `feature_dim` channels; with
+    `position` > 0 the fixed sin-cos position code (`sincos_position_code`), times `position`, is added, as a
+    ViT adds its position embedding.
 
     It keeps what grouping needs on scenes whose objects differ in colour (two patches of one uniformly
-    coloured object get the same features; mixed patches land in between), is deterministic for a seed, and
-    costs one strided convolution. It stands in for DINOv2 where its weights cannot be fetched.
+    coloured object get the same projection; mixed patches land in between), is deterministic for a seed,
+    and costs one strided convolution. The position code lets a decoder tell where a token lies, as DINOv2's
+    features do. It stands in for DINOv2 where its weights cannot be fetched; the code is a non-persistent
+    buffer, so the state_dict holds the projection only.
 
     Shapes: image (B, 3, image_size, image_size) → features (B, feature_dim, grid, grid).
     """
 
-    def __init__(self, image_size: int = 128, grid: int = 16, feature_dim: int = 384, seed: int = 0):
+    def __init__(
+        self, image_size: int = 128, grid: int = 16, feature_dim: int = 384, seed: int = 0, position: float = 0.0
+    ):
         super().__init__()
         if image_size % grid:
             raise ValueError(f"PatchFeatures: image_size {image_size} is not a multiple of grid {grid}")
@@ -156,10 +180,15 @@ class PatchFeatures(nn.Module):
         with torch.no_grad():
             self.proj.weight.copy_(weight)
         self.requires_grad_(False)
+        code = sincos_position_code(grid, feature_dim).T.reshape(1, feature_dim, grid, grid) if position else None
+        self.register_buffer("position_code", None if code is None else code * position, persistent=False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 4 or image.shape[1] != 3 or image.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"PatchFeatures: expected images (B, 3, {self.image_size}, {self.image_size}), got {tuple(image.shape)}"
             )
-        return self.proj(image)
+        features = self.proj(image)
+        if self.position_code is not None:
+            features = features + self.position_code.to(features.dtype)
+        return features

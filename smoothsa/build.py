@@ -68,9 +68,11 @@ def _backbone(config: ModelConfig) -> nn.Module:
                 "build_model: the DINOv2 backbone needs image_size=256, grid=16, feature_dim=384, got "
                 f"{config.image_size}, {config.grid}, {config.feature_dim}"
             )
+        if config.patch_position:
+            raise ValueError("build_model: patch_position applies to the 'patch' backbone only")
         return dinov2_backbone()
     if config.backbone == "patch":
-        return PatchFeatures(config.image_size, config.grid, config.feature_dim)
+        return PatchFeatures(config.image_size, config.grid, config.feature_dim, position=config.patch_position)
     raise ValueError(f"build_model: unknown backbone {config.backbone!r}; known: dinov2, patch")
 
 
@@ -92,7 +94,11 @@ def _initializer(config: ModelConfig) -> nn.Module:
 def _decoder(config: ModelConfig) -> nn.Module:
     dv, ds, layers = config.feature_dim, config.slot_dim, config.decoder_layers
     if config.decoder == "arrand":
-        return ARRandTransformerDecoder(config.grid**2, dv, ds, layers, 4, 4 * dv)
+        return ARRandTransformerDecoder(
+            config.grid**2, dv, ds, layers, 4, 4 * dv, p=config.decoder_p, pe_init=config.decoder_pe_init
+        )
+    if (config.decoder_p, config.decoder_pe_init) != (0.5, "trunc_normal"):
+        raise ValueError("build_model: decoder_p and decoder_pe_init apply to the 'arrand' decoder only")
     if config.decoder == "ar9":
         return AR9TransformerDecoder((config.grid, config.grid), dv, ds, layers, 4, 4 * dv)
     raise ValueError(f"build_model: unknown decoder {config.decoder!r}; known: arrand, ar9")

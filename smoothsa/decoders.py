@@ -8,21 +8,35 @@ for segmentation.
 Shapes: B batch, N tokens, S slots, D token channels (384), Ds slot channels (256).
 """
 import copy
+import math
 
 import torch
 import torch.nn as nn
 
 from smoothsa.attention import TransformerDecoderLayer
+from smoothsa.backbone import sincos_position_code
 
 # The official short keep length is int(256 * 0.1) - 1, hard-coded whatever the token count.
 SHORT_KEEP = 24
 
 
 class LearntPositionalEmbedding(nn.Module):
-    def __init__(self, resolut: int, embed_dim: int):
+    """A learnt table `_pe` (1, N, D). `init`: "trunc_normal" (official: N(0, 1) cut at ±2) or "sincos" (the
+    fixed 2-D code of `smoothsa.backbone.sincos_position_code` on a square grid, so neighbours start alike)."""
+
+    def __init__(self, resolut: int, embed_dim: int, init: str = "trunc_normal"):
         super().__init__()
         self._pe = nn.Parameter(torch.empty(1, resolut, embed_dim))
-        nn.init.trunc_normal_(self._pe, mean=0.0, std=1.0, a=-2.0, b=2.0)
+        if init == "trunc_normal":
+            nn.init.trunc_normal_(self._pe, mean=0.0, std=1.0, a=-2.0, b=2.0)
+        elif init == "sincos":
+            grid = math.isqrt(resolut)
+            if grid * grid != resolut:
+                raise ValueError(f"LearntPositionalEmbedding: sincos init needs a square token count, got {resolut}")
+            with torch.no_grad():
+                self._pe.copy_(sincos_position_code(grid, embed_dim)[None])
+        else:
+            raise ValueError(f"LearntPositionalEmbedding: unknown init {init!r}; known: trunc_normal, sincos")
 
 
 class DecoderStack(nn.Module):
@@ -71,6 +85,7 @@ class ARRandTransformerDecoder(_SlotDecoder):
         slot_dim: slot channels Ds.
         num_layers, num_heads, ffn_dim: the transformer (4, 4, 1536).
         p: probability of a uniformly random visible count in {0..N−2}; otherwise `SHORT_KEEP` tokens.
+        pe_init: the positional table's initialisation, "trunc_normal" (official) or "sincos".
 
     Shapes: input (B, N, D) feature tokens, slots (B, S, Ds) → recon (B, N, D), attn (B, S, N).
     """
@@ -84,11 +99,14 @@ class ARRandTransformerDecoder(_SlotDecoder):
         num_heads: int = 4,
         ffn_dim: int = 1536,
         p: float = 0.5,
+        pe_init: str = "trunc_normal",
     ):
         super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"ARRandTransformerDecoder: p must lie in [0, 1], got {p}")
         self.p = p
         self.mask_token = nn.Parameter(torch.randn(1, 1, embed_dim) * embed_dim**-0.5)
-        self.posit_embed = LearntPositionalEmbedding(resolut, embed_dim)
+        self.posit_embed = LearntPositionalEmbedding(resolut, embed_dim, pe_init)
         self._build(embed_dim, slot_dim, num_layers, num_heads, ffn_dim)
 
     def visible_mask(self, b: int, n: int, device: torch.device) -> torch.Tensor:

@@ -28,9 +28,13 @@ class ModelConfig:
     num_classes: recognition only, class logits (category ids 1..ncls−1).
     backbone: "dinov2" (the paper's frozen ViT-S/14 reg4) or "patch" (a fixed random patch projection that needs
         no download; see `smoothsa.backbone.PatchFeatures`).
+    patch_position: "patch" backbone only, the scale of the sin-cos position code added to its features (0: none).
     image_size, grid: input side and token grid side (N = grid²); the DINOv2 backbone needs 256 and 16.
     feature_dim, slot_dim: Dv and Ds.
     decoder_layers: transformer layers of the decoder.
+    decoder_p: "arrand" decoder, the probability of a uniformly random visible-token count in training (else
+        `smoothsa.decoders.SHORT_KEEP` tokens are visible); the official 0.5.
+    decoder_pe_init: "arrand" decoder, its positional table's start: "trunc_normal" (official) or "sincos".
     """
 
     arch: str = "smoothsa"
@@ -49,6 +53,9 @@ class ModelConfig:
     feature_dim: int = 384
     slot_dim: int = 256
     decoder_layers: int = 4
+    patch_position: float = 0.0
+    decoder_p: float = 0.5
+    decoder_pe_init: str = "trunc_normal"
 
 
 @dataclass

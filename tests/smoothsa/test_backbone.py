@@ -65,3 +65,31 @@ def test_patch_features_are_fixed_random_patch_projections():
     torch.testing.assert_close(features[0, :, 2, 5], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
         a(torch.zeros(1, 3, 32, 32))
+
+
+def test_sincos_position_code():
+    import math
+
+    from smoothsa.backbone import sincos_position_code
+
+    code = sincos_position_code(16, 64).double()
+    assert code.shape == (256, 64)
+    row, col, k = 5, 11, 3  # token (5, 11) = index 5·16 + 11; frequency k of 16, wavelength 2·32^(k/15)
+    angle = 2 * math.pi / (2 * 32 ** (k / 15))
+    expected = [math.sin(row * angle), math.cos(row * angle), math.sin(col * angle), math.cos(col * angle)]
+    torch.testing.assert_close(code[row * 16 + col, k::16], torch.tensor(expected, dtype=torch.double), atol=1e-6, rtol=0)
+    distance = torch.cdist(code, code)
+    assert distance[~torch.eye(256, dtype=torch.bool)].min() > 0.1  # every token distinct
+    assert distance[0, 1] < distance[0, 8] < distance[0, 255]  # nearer tokens, closer codes
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_position_code(4, 30)
+
+
+def test_patch_features_position_code_is_added_and_not_saved():
+    from smoothsa.backbone import PatchFeatures, sincos_position_code
+
+    plain, placed = PatchFeatures(64, 8, 32), PatchFeatures(64, 8, 32, position=0.5)
+    image = torch.randn(2, 3, 64, 64)
+    code = sincos_position_code(8, 32).T.reshape(1, 32, 8, 8)
+    torch.testing.assert_close(placed(image), plain(image) + 0.5 * code)
+    assert placed.state_dict().keys() == plain.state_dict().keys() == {"proj.weight"}

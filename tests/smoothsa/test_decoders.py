@@ -99,3 +99,17 @@ def test_decoders_reject_bad_shapes():
         decoder(torch.randn(2, 256, 256), torch.randn(2, 7, 256))
     with pytest.raises(ValueError, match=r"slots must be \(B=2, S, 256\)"):
         decoder(torch.randn(2, 256, 384), torch.randn(3, 7, 256))
+
+
+def test_sincos_table_start_and_bad_arguments():
+    from smoothsa.backbone import sincos_position_code
+
+    decoder = ARRandTransformerDecoder(resolut=64, embed_dim=32, slot_dim=16, num_layers=1, ffn_dim=64, pe_init="sincos")
+    torch.testing.assert_close(decoder.posit_embed._pe.detach()[0], sincos_position_code(8, 32))
+    assert decoder.posit_embed._pe.requires_grad  # a start, still learnt
+    with pytest.raises(ValueError, match="square token count"):
+        ARRandTransformerDecoder(resolut=60, embed_dim=32, slot_dim=16, pe_init="sincos")
+    with pytest.raises(ValueError, match="unknown init 'zeros'"):
+        ARRandTransformerDecoder(pe_init="zeros")
+    with pytest.raises(ValueError, match=r"p must lie in \[0, 1\]"):
+        ARRandTransformerDecoder(p=1.5)

@@ -161,6 +161,15 @@ def test_overrides_change_the_model():
     assert model.initializ.num == 5 and model.aggregat.trunc_bp is None and model.aggregat.num_iter == 2
 
 
+def test_decoder_and_patch_options_reach_the_modules_and_are_checked():
+    model = smoothsa.build_model("demo", decoder_p=0.0, decoder_pe_init="sincos", patch_position=0.25)
+    assert model.decode.p == 0.0 and model.encode_backbone.position_code is not None
+    for name, override in [("spot_r-coco", dict(decoder_p=0.0)), ("spot_r-coco", dict(decoder_pe_init="sincos")),
+                           ("smoothsa_r-coco", dict(patch_position=0.5))]:
+        with pytest.raises(ValueError, match="only"):
+            smoothsa.build_model(name, backbone=name == "smoothsa_r-coco", **override)
+
+
 def test_command_line_overrides_are_typed():
     preset = apply_overrides(
         get_preset("smoothsa_r-coco"),
