@@ -75,7 +75,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     """The training procedure of SPEC §4. clip_type: "l2" or "inf"; clip_norm None: no clipping.
-    validations: how many times a run validates, evenly spaced (the official val_interval = total/40)."""
+    validations: how many times a run validates, evenly spaced (the official val_interval = total/40).
+    preheat_detach: the share of the first steps during which the preheated initializer reads detached features,
+        so the preheat loss cannot reach `encode_project` (official 0.1; 1: the whole run)."""
 
     total_steps: int = 100_000
     validations: int = 40
@@ -86,6 +88,7 @@ class OptimConfig:
     clip_type: str = "l2"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"recon": 1.0, "preheat": 100.0})
     seed: int = 42
+    preheat_detach: float = 0.1
 
 
 @dataclass

@@ -44,15 +44,22 @@ def linear_warmup_cosine(
     return 0.5 * (base_lr - final) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) + final
 
 
-def detach_flag(step: int, total: int) -> bool:
-    """Whether the preheated initializer detaches its query: the official ``CbSquarewave``.
+def detach_flag(step: int, total: int, fraction: float = 0.1) -> bool:
+    """Whether the preheated initializer detaches its input: the official ``CbSquarewave``.
 
-    Points ``[0, total // 10, total]`` with values ``[1, 0]``: True for the first tenth of training.
+    Points ``[0, total // 10, total]`` with values ``[1, 0]``: True for the first tenth of training. Other
+    fractions move the switch-off point to ``floor(total · fraction)``; 1 keeps the input detached throughout.
 
     Args:
         step: optimiser steps already taken, 0 <= step <= total.
         total: total number of optimiser steps.
+        fraction: the detached share of training, in [0, 1]; the configs use 0.1.
     """
     if not 0 <= step <= total:
         raise ValueError(f"step={step} outside [0, total={total}]")
-    return step < total // 10
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction={fraction} outside [0, 1]")
+    if fraction >= 1.0:
+        return True
+    # floor(total · 0.1) == total // 10 for every integer total (0.1 rounds up in binary).
+    return step < math.floor(total * fraction)

@@ -212,6 +212,8 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
     use_compile = options.compile if options.compile is not None else device.type == "cuda"
     if amp not in ("fp16", "bf16", "none"):
         raise ValueError(f"amp must be fp16, bf16, none or auto, got {options.amp!r}")
+    if not 0.0 <= optim.preheat_detach <= 1.0:
+        raise ValueError(f"optim.preheat_detach must lie in [0, 1], got {optim.preheat_detach}")
     seed_everything(optim.seed + dist_.rank)
 
     model = build_model(preset.model, backbone=True)
@@ -284,7 +286,7 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 if "preheat" in optim.loss_weights:
-                    set_detach_flag(model, schedules.detach_flag(step, total))
+                    set_detach_flag(model, schedules.detach_flag(step, total, optim.preheat_detach))
                 batch = to_device(batch, device)
                 with autocast(device, amp):
                     _, terms = forward_losses(net, batch, preset)

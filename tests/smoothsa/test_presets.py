@@ -145,6 +145,13 @@ def test_backbone_is_frozen_and_detach_flag_starts_on(name):
         assert bool(discovery.initializ.detach_flag)
 
 
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"demo"}))
+def test_official_presets_keep_the_official_switches(name):
+    preset = get_preset(name)
+    assert preset.optim.preheat_detach == 0.1
+    assert (preset.model.patch_position, preset.model.decoder_p, preset.model.decoder_pe_init) == (0.0, 0.5, "trunc_normal")
+
+
 def test_unknown_preset_lists_known_names():
     with pytest.raises(KeyError, match="smoothsa_r-coco") as info:
         smoothsa.build_model("smoothsa_r-cocoa")

@@ -51,3 +51,21 @@ def test_detach_flag_boundary():
     assert detach_flag(total, total) is False
     # The boundary is total // 10 (integer), as in the configs.
     assert detach_flag(1, 15) is False and detach_flag(0, 15) is True
+
+
+def test_detach_flag_default_fraction_is_total_div_10_for_every_total():
+    for total in range(1, 3001):
+        boundary = total // 10
+        if boundary:
+            assert detach_flag(boundary - 1, total) is True
+        assert detach_flag(boundary, total) is False
+
+
+def test_detach_flag_other_fractions():
+    assert all(detach_flag(s, 300, fraction=1.0) for s in range(301))
+    assert not any(detach_flag(s, 300, fraction=0.0) for s in range(301))
+    assert detach_flag(149, 300, fraction=0.5) and not detach_flag(150, 300, fraction=0.5)
+    assert detach_flag(0, 7, fraction=0.5) and detach_flag(2, 7, fraction=0.5) and not detach_flag(3, 7, fraction=0.5)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="fraction"):
+            detach_flag(0, 10, fraction=bad)

@@ -155,6 +155,13 @@ def test_eval_cli_names_keys_of_a_wrong_checkpoint(data, tmp_path):
     assert proc.returncode != 0 and "m.decode.bos" in output and "missing key" in output, output
 
 
+def test_preheat_detach_keeps_the_initializer_input_detached_throughout(data, tmp_path):
+    train(tiny("optim.preheat_detach=1.0"), data, tmp_path, OPTIONS)
+    assert bool(read_checkpoint(tmp_path / "last.pth")["m.initializ.detach_flag"])
+    with pytest.raises(ValueError, match=r"optim.preheat_detach must lie in \[0, 1\], got 2.0"):
+        train(tiny("optim.preheat_detach=2"), data, tmp_path / "bad", OPTIONS)
+
+
 def test_recognition_probe_trains_on_a_frozen_discovery_checkpoint(data, tmp_path):
     discovery = tiny("data.dataset=coco")  # synthetic records carry COCO's clazz / isthing fields
     train(discovery, data, tmp_path / "discovery", OPTIONS)

@@ -1,0 +1,67 @@
+"""The embedded demo: its trivial baselines and one tiny end-to-end run (train, evaluate, compare, write)."""
+import json
+
+import pytest
+import torch
+
+from smoothsa.dataio import write_synthetic
+from smoothsa.demo import baseline_segments, baselines
+from smoothsa.metrics import ari
+from smoothsa.presets import apply_overrides, get_preset
+from smoothsa.train import parse_args
+
+SMALL = ["model.image_size=32", "model.grid=4", "model.feature_dim=16", "model.slot_dim=16", "optim.batch_size=4",
+         "optim.val_batch_size=8", "optim.total_steps=6", "optim.validations=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_data")
+    write_synthetic(root, "train", num=16, height=32, width=32, seed=1)
+    write_synthetic(root, "val", num=8, height=32, width=32, seed=2)
+    return root
+
+
+def test_grid_baseline_is_nine_equal_blocks_in_raster_order():
+    grid = baseline_segments("grid_3x3", 2, 6, 9)  # (B, H·W, 9)
+    assert grid.shape == (2, 54, 9) and bool((grid.sum(-1) == 1).all())
+    index = grid[0].int().argmax(-1).reshape(6, 9)
+    expected = (torch.arange(6)[:, None] // 2) * 3 + torch.arange(9)[None, :] // 3
+    assert torch.equal(index, expected)
+    one = baseline_segments("one_slot", 3, 4, 4)
+    assert one.shape == (3, 16, 1) and bool(one.all())
+
+
+def test_grid_baseline_scores_a_scene_split_along_its_blocks_perfectly():
+    grid = baseline_segments("grid_3x3", 1, 6, 6)
+    true = torch.zeros(1, 36, 3, dtype=torch.bool)
+    true[0, :, 0] = True  # background everywhere, then two objects that each fill one block
+    for channel, block in ((1, 0), (2, 4)):
+        inside = grid[0, :, block]
+        true[0, inside, 0] = False
+        true[0, inside, channel] = True
+    assert ari(grid, true, fg=True).item() == pytest.approx(1.0)
+    assert ari(baseline_segments("one_slot", 1, 6, 6), true, fg=True).item() == pytest.approx(0.0)
+
+
+def test_baselines_score_the_validation_split(data):
+    preset = apply_overrides(get_preset("demo"), SMALL)
+    scores = baselines(preset, data)
+    assert set(scores) == {"one_slot", "grid_3x3"}
+    assert scores["one_slot"]["ari"] == pytest.approx(0.0) and scores["one_slot"]["ari_fg"] == pytest.approx(0.0)
+    assert 0.0 < scores["grid_3x3"]["ari_fg"] < 1.0
+
+
+def test_demo_trains_evaluates_and_writes_metrics_and_pictures(data, tmp_path, capsys):
+    from smoothsa.demo import run_demo
+
+    args = parse_args(["--data", str(data), "--out", str(tmp_path / "demo"), "--device", "cpu"]
+                      + [x for item in SMALL for x in ("--set", item)])
+    summary = run_demo(args)
+    written = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert set(written["val"]) == {"ari", "ari_fg", "mbo", "miou"}
+    assert set(written["baselines"]) == {"one_slot", "grid_3x3"} and written["train_seconds"] > 0
+    assert (tmp_path / "demo" / "eval" / "slots.png").stat().st_size > 0
+    assert (tmp_path / "demo" / "last.pth").exists()
+    assert "grid_3x3" in capsys.readouterr().out
