@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from smoothsa.dataio import write_synthetic
 from smoothsa.demo import baseline_segments, baselines
 from smoothsa.metrics import ari
 from smoothsa.presets import apply_overrides, get_preset
@@ -12,14 +11,6 @@ from smoothsa.train import parse_args
 
 SMALL = ["model.image_size=32", "model.grid=4", "model.feature_dim=16", "model.slot_dim=16", "optim.batch_size=4",
          "optim.val_batch_size=8", "optim.total_steps=6", "optim.validations=2"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo_data")
-    write_synthetic(root, "train", num=16, height=32, width=32, seed=1)
-    write_synthetic(root, "val", num=8, height=32, width=32, seed=2)
-    return root
 
 
 def test_grid_baseline_is_nine_equal_blocks_in_raster_order():

@@ -11,7 +11,6 @@ import torch
 
 import smoothsa
 from smoothsa.checkpoint import read_checkpoint
-from smoothsa.dataio import write_synthetic
 from smoothsa.eval import evaluate
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.train import RunOptions, train
@@ -22,14 +21,6 @@ TINY = [
     "optim.val_batch_size=8", "optim.total_steps=12",
 ]
 OPTIONS = RunOptions(amp="none", compile=False, workers=0, log_every=4)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root, "train", num=24, height=40, width=40, seed=1)
-    write_synthetic(root, "val", num=8, height=40, width=40, seed=2)
-    return root
 
 
 def tiny(*extra):
