@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from smoothsa.demo import baseline_segments, baselines
+from smoothsa.demo import baseline_segments, baselines, run_demo
 from smoothsa.metrics import ari
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.train import parse_args
@@ -44,8 +44,6 @@ def test_baselines_score_the_validation_split(data):
 
 
 def test_demo_trains_evaluates_and_writes_metrics_and_pictures(data, tmp_path, capsys):
-    from smoothsa.demo import run_demo
-
     args = parse_args(["--data", str(data), "--out", str(tmp_path / "demo"), "--device", "cpu"]
                       + [x for item in SMALL for x in ("--set", item)])
     summary = run_demo(args)
