@@ -1,4 +1,4 @@
-"""Readers of the official LMDB files: ClevrTex, COCO, VOC, MOVi-C/D/E, YTVIS (SPEC §6).
+"""Readers of the official LMDB files: ClevrTex, COCO, VOC, MOVi-C/D/E, YTVIS (docs/official.md §6).
 
 Every reader goes through the same three steps, so the torch and DALI loaders share them:
 
@@ -205,7 +205,7 @@ class _ImageDataset(LmdbDataset):
 
 
 class ClevrTex(_ImageDataset):
-    """ClevrTex (train: `clevrtex_full`; val: the OOD set `clevrtex_outd`), see SPEC §6.
+    """ClevrTex (train: `clevrtex_full`; val: the OOD set `clevrtex_outd`), see docs/official.md §6.
 
     Args: as `LmdbDataset`.
     """
@@ -229,7 +229,7 @@ class ClevrTex(_ImageDataset):
 
 
 class VOC(_ImageDataset):
-    """PASCAL VOC object segmentation (train: VOC2012, val: VOC2007), see SPEC §6.
+    """PASCAL VOC object segmentation (train: VOC2012, val: VOC2007), see docs/official.md §6.
 
     Stored index 0 is the (224, 224, 192) boundary colour and is dropped; stored 1 is the black
     background, so the background is mask channel 0 whenever it is present.
@@ -254,7 +254,7 @@ class VOC(_ImageDataset):
 
 
 class COCO(_ImageDataset):
-    """COCO 2017 panoptic segments, see SPEC §6.
+    """COCO 2017 panoptic segments, see docs/official.md §6.
 
     Stored: `segment` index map (0 = unannotated, k = k-th panoptic segment by id), `clazz` (s,)
     category ids, `isthing` (s,) bool.
@@ -403,13 +403,13 @@ class _VideoDataset(LmdbDataset):
         ids, objects = self.foreground(encoded, segment)
         out["segment"] = masks_of(segment, ids)
         if self.with_bbox:
-            # the stored boxes are never used (SPEC §6): boxes follow the masks after the crop
+            # the stored boxes are never used (docs/official.md §6): boxes follow the masks after the crop
             out["bbox"] = boxes_from_masks(masks_of(segment, objects))
         return out
 
 
 class MOVi(_VideoDataset):
-    """MOVi-C / D / E (TFDS 256x256), see SPEC §6. Name it "movi_c", "movi_d" or "movi_e" for messages.
+    """MOVi-C / D / E (TFDS 256x256), see docs/official.md §6. Name it "movi_c", "movi_d" or "movi_e" for messages.
 
     Frames are PNGs written by cv2 from RGB arrays (R and B swapped in the file); they decode to RGB.
 
@@ -429,7 +429,7 @@ class MOVi(_VideoDataset):
 
 
 class YTVIS(_VideoDataset):
-    """YouTube-VIS 2022 and HQ-YTVIS, see SPEC §6.
+    """YouTube-VIS 2022 and HQ-YTVIS, see docs/official.md §6.
 
     Args:
         clip_length: frames per training clip (5 in the official configs).

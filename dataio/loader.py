@@ -14,7 +14,7 @@ Batch dict (B batch, T frames, C mask channels padded to the batch maximum, n ob
 Randomness: epoch e of a loader with base seed s shuffles with `derive_seed(s, e)` and sample i draws
 its crop, flip and clip from `derive_seed(derive_seed(s, e), i)`, whichever worker loads it. The
 official code re-seeded every worker with the same seed at every epoch (identical augmentations in
-all workers, repeated each epoch, SPEC §10.9); here each (seed, epoch, worker) also gets its own
+all workers, repeated each epoch, docs/official.md §10.9); here each (seed, epoch, worker) also gets its own
 global seeds for anything else a worker might draw.
 """
 

@@ -1,6 +1,6 @@
 """LMDB record files in the official SmoothSA layout: safe reading, atomic writing, image codecs.
 
-Layout (SPEC §6): one LMDB *file* per split (`subdir=False`). Sample keys are zero-padded ASCII
+Layout (docs/official.md §6): one LMDB *file* per split (`subdir=False`). Sample keys are zero-padded ASCII
 indices `b"000000"`, `b"000001"`, ...; the key `b"__keys__"` holds the pickled list of sample keys in
 order. Each value is `pickle.dumps(dict)` whose leaves are numpy arrays, bytes and Python scalars.
 Images are the original encoded file bytes; index maps are PNG buffers stored as the 1-D uint8 array

@@ -1,4 +1,4 @@
-"""Per-sample transforms and the collate function (SPEC §5), with the official semantics.
+"""Per-sample transforms and the collate function (docs/official.md §5), with the official semantics.
 
 Training: random crop whose area range is relative to the largest centred square -> bilinear
 antialiased resize of the uint8 image to 256x256 -> nearest-exact resize of the index map ->
@@ -174,7 +174,7 @@ def preprocess(
     generator: torch.Generator | None = None,
     rng: random.Random | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The one preprocessing function of training and validation (SPEC §5.1).
+    """The one preprocessing function of training and validation (docs/official.md §5.1).
 
     Args:
         image: uint8 RGB image or clip.
@@ -234,7 +234,7 @@ PAD_RULES: dict[str, tuple[int, float | bool]] = {
 
 
 def pad_collate(samples: Sequence[dict], pad_rules: dict[str, tuple[int, float | bool]] = PAD_RULES) -> dict:
-    """Pads `segment` channels and `bbox`/`clazz` objects to the batch maximum, then stacks (SPEC §5.2).
+    """Pads `segment` channels and `bbox`/`clazz` objects to the batch maximum, then stacks (docs/official.md §5.2).
 
     Args:
         samples: per-sample dicts of tensors (and optionally other values: lists are made of them).

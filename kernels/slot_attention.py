@@ -1,4 +1,4 @@
-"""Fused slot-attention step: one iteration of SPEC §2.6 without the LayerNorms, projections and residual MLP.
+"""Fused slot-attention step: one iteration of docs/official.md §2.6 without the LayerNorms, projections and residual MLP.
 
 Math (twin: `smoothsa.kernels.reference.slot_attention_step`), per batch element, slots s, tokens n:
 

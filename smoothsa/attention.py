@@ -101,7 +101,7 @@ class TransformerDecoderLayer(nn.Module):
 
     Args:
         d_model, nhead, dim_feedforward, dropout, norm_first, bias: as in PyTorch.
-        cross_first: the "swapped" layer of the preheated initializers (SPEC §2.3): cross-attention on the
+        cross_first: the "swapped" layer of the preheated initializers (docs/official.md §2.3): cross-attention on the
             un-normalised queries first, then self-attention, then the feed-forward; it has no `norm2`.
 
     Shapes: x (B, L, D), memory (B, M, D) → (B, L, D); with `need_weights` also the head-averaged

@@ -1,4 +1,4 @@
-"""The frozen DINOv2 ViT-S/14 with 4 registers (SPEC §2.1), written out with the parameter names of the
+"""The frozen DINOv2 ViT-S/14 with 4 registers (docs/official.md §2.1), written out with the parameter names of the
 official checkpoints (`m.encode_backbone.1.*`, i.e. timm's `vit_small_patch14_reg4_dinov2` names).
 
 Shapes: B batch, P = 16·16 patch tokens, R = 4 registers, D = 384 channels.

@@ -1,4 +1,4 @@
-"""Official checkpoint layout: `ModelWrap(m).state_dict()`, every key prefixed with `m.` (SPEC §2.13).
+"""Official checkpoint layout: `ModelWrap(m).state_dict()`, every key prefixed with `m.` (docs/official.md §2.13).
 
 Our module names are the official ones, so converting is adding or removing that prefix. Loading checks the
 key set and every shape before touching the model, and names what does not match.

@@ -1,7 +1,7 @@
 """From a preset's `DataConfig` and a data folder to the datasets and loaders of its splits.
 
 A data folder holds one LMDB file per split, `<dir>/train.lmdb` and `<dir>/val.lmdb`, in the official layout
-(SPEC §6); `python -m smoothsa.dataio.convert` writes them from the original datasets, and
+(docs/official.md §6); `python -m smoothsa.dataio.convert` writes them from the original datasets, and
 `python -m smoothsa.dataio.synthetic` writes synthetic ones.
 """
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Slot decoders that reconstruct the DINOv2 tokens from the slots (SPEC §2.8, §2.9).
+"""Slot decoders that reconstruct the DINOv2 tokens from the slots (docs/official.md §2.8, §2.9).
 
 Both stack 4 pre-norm transformer decoder layers (self-attention over tokens, cross-attention to the slots)
 with the "norm0 trick": layer 0's self-attention pre-norm is hoisted out as `norm0`, so the residual stream
@@ -137,7 +137,7 @@ class ARRandTransformerDecoder(_SlotDecoder):
 
 
 def spot_orders(height: int, width: int) -> torch.Tensor:
-    """The nine token orders of SPOT's decoder over an H × W grid (index r·W + c), SPEC §2.9.
+    """The nine token orders of SPOT's decoder over an H × W grid (index r·W + c), docs/official.md §2.9.
 
     Returns a (9, H·W) long tensor: raster; columns left→right each top→bottom; columns right→left each
     top→bottom; rows top→bottom each right→left; columns right→left each bottom→top; rows bottom→top each

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §7): ARI, ARI-fg, mBO, mIoU per sample averaged over the split, or the recognition scores,
+"""Evaluation (docs/official.md §7): ARI, ARI-fg, mBO, mIoU per sample averaged over the split, or the recognition scores,
 plus pictures of the slots.
 
     python -m smoothsa.eval --preset smoothsa_r-coco --ckpt runs/coco/ckpt-0100000.pth --data data/coco
@@ -6,7 +6,7 @@ plus pictures of the slots.
     python -m smoothsa.eval --preset smoothsa_r_recogn-coco --ckpt recogn.pth --data data/coco
 
 Correct by default: ARI never overflows on whole videos and recognition keeps every matched object;
-`--official-compat` reproduces the official arithmetic and filters bug for bug (SPEC §10.1, §10.2, §10.13), so
+`--official-compat` reproduces the official arithmetic and filters bug for bug (docs/official.md §10.1, §10.2, §10.13), so
 published numbers can be compared. `--seed` fixes the initializer's noise, so two runs give the same numbers.
 """
 import argparse

@@ -1,4 +1,4 @@
-"""Slot initializers (SPEC §2.3–§2.5, §2.9).
+"""Slot initializers (docs/official.md §2.3–§2.5, §2.9).
 
 The preheated initializers draw `smpl = mean + ε·exp(logstd)` and refine it by one swapped transformer
 decoder layer that first cross-attends to the frame's features; the result `qinit` is trained to predict the
@@ -48,7 +48,7 @@ class _Preheated(nn.Module):
 
 
 class NormalSharedPreheated(_Preheated):
-    """One learnt Gaussian shared by all S slots, refined by the swapped layer (SPEC §2.4).
+    """One learnt Gaussian shared by all S slots, refined by the swapped layer (docs/official.md §2.4).
 
     Args:
         num: number of slots S.
@@ -114,7 +114,7 @@ class NormalMlpPreheated(_Preheated):
 
 
 class NormalShared(nn.Module):
-    """SPOT's initializer: one learnt Gaussian for all slots, sampled in train and eval (SPEC §2.9).
+    """SPOT's initializer: one learnt Gaussian for all slots, sampled in train and eval (docs/official.md §2.9).
 
     Shapes: batch size B → slots (B, S, D).
     """
@@ -134,7 +134,7 @@ class NormalShared(nn.Module):
 
 
 class NormalSeparat(nn.Module):
-    """A learnt mean per slot; noise only in training (the SPOT distillation student, SPEC §2.9).
+    """A learnt mean per slot; noise only in training (the SPOT distillation student, docs/official.md §2.9).
 
     Shapes: batch size B → slots (B, S, D).
     """

@@ -1,4 +1,4 @@
-"""Training losses of SmoothSA (SPEC §3).
+"""Training losses of SmoothSA (docs/official.md §3).
 
 Every function returns the plain mean; the caller multiplies by the preset's weight
 (recon 1, preheat 100, SlotContrast 0.5, recognition ce 1 and l1 1) and sums.

@@ -1,10 +1,10 @@
-"""Evaluation metrics (SPEC §7): predicted segments, ARI / mBO / mIoU, recognition matching and scores.
+"""Evaluation metrics (docs/official.md §7): predicted segments, ARI / mBO / mIoU, recognition matching and scores.
 
 Segment maps are boolean one-hot tensors flattened to (B, M, channels): M pixels per sample, and for
 video the whole clip is one sample (M = T·H·W). Per-sample metrics return float64 (B,) with NaN for
 samples whose ground truth is empty; ``MetricAverager`` then averages the valid samples of a split.
 
-``official_compat=True`` switches reproduce known bugs of the official code (SPEC §10.1, 10.2, 10.13)
+``official_compat=True`` switches reproduce known bugs of the official code (docs/official.md §10.1, §10.2, §10.13)
 so that published numbers can be reproduced; the defaults compute the intended quantities.
 """
 
@@ -88,7 +88,7 @@ def _ari_exact(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _ari_official(counts: torch.Tensor) -> torch.Tensor:
-    # Bug for bug (SPEC §10.1): A·Bp is an int64 product that wraps silently, and torch's true division of
+    # Bug for bug (docs/official.md §10.1): A·Bp is an int64 product that wraps silently, and torch's true division of
     # int64 tensors computes in float32 (the default dtype), as do every later step.
     pixels, rand_index, true_pairs, pred_pairs = _pair_sums(counts)
     expected = (true_pairs * pred_pairs).float() / (pixels * (pixels - 1)).clip(1).float()
@@ -101,7 +101,7 @@ def _ari_official(counts: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ari(pred: torch.Tensor, true: torch.Tensor, fg: bool = False, official_compat: bool = False) -> torch.Tensor:
-    """Adjusted Rand index per sample (SAVi formulation, SPEC §7.2).
+    """Adjusted Rand index per sample (SAVi formulation, docs/official.md §7.2).
 
     Pixels without a ground-truth label (unannotated, or background when ``fg``) drop out on both sides.
 
@@ -178,11 +178,11 @@ def miou(pred: torch.Tensor, true: torch.Tensor, fg: bool = False) -> torch.Tens
 def segments_from_attention(
     attn: torch.Tensor, size: tuple[int, int] = (256, 256), official_compat: bool = False
 ) -> torch.Tensor:
-    """Predicted segmentation from slot attention maps (SPEC §7.1).
+    """Predicted segmentation from slot attention maps (docs/official.md §7.1).
 
     Bilinear upsampling (align_corners False, no antialias), argmax over slots (the first maximum wins),
     one-hot. The channel count is S; the official code omits ``num_classes``, so its channel count is the
-    largest slot index present anywhere in the batch + 1 (``official_compat=True``, SPEC §10.13).
+    largest slot index present anywhere in the batch + 1 (``official_compat=True``, docs/official.md §10.13).
 
     Args:
         attn: attention of each slot over the feature grid (decoder attention for discovery metrics,
@@ -218,7 +218,7 @@ class SlotMatches(NamedTuple):
 def match_slots_to_objects(
     pred_seg: torch.Tensor, gt_seg: torch.Tensor, thresh_iou: float = 0.1, official_compat: bool = False
 ) -> SlotMatches:
-    """Hungarian matching of predicted segments to gt objects for the recognition probe (SPEC §2.11 step 2).
+    """Hungarian matching of predicted segments to gt objects for the recognition probe (docs/official.md §2.11 step 2).
 
     Objects are the gt channels after the background channel 0, so ``obj`` indexes the per-object class and
     box tensors. A match is kept if its IoU > ``thresh_iou`` (this also drops padded, empty objects). With
@@ -279,7 +279,7 @@ def recognition_metrics(
     box_pred: torch.Tensor,
     box_target: torch.Tensor,
 ) -> dict[str, torch.Tensor | int]:
-    """Per-object recognition scores (SPEC §7.3), to be averaged over all matched objects of a split.
+    """Per-object recognition scores (docs/official.md §7.3), to be averaged over all matched objects of a split.
 
     Args:
         class_logits: probe class logits of the matched slots.

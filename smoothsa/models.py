@@ -1,4 +1,4 @@
-"""SmoothSA (image), SmoothSAVideo and the SPOT baseline (SPEC §2.9, §2.10).
+"""SmoothSA (image), SmoothSAVideo and the SPOT baseline (docs/official.md §2.9, §2.10).
 
 Attribute names (`encode_backbone`, `encode_project`, `initializ`, `aggregat`, `decode`, `transit`) are the
 official ones, so `model.state_dict()` has exactly the official checkpoint keys without their `m.` prefix.

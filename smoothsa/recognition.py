@@ -1,4 +1,4 @@
-"""`ObjDiscovRecogn`: a recognition probe on the slots of a frozen discovery model (SPEC §2.11).
+"""`ObjDiscovRecogn`: a recognition probe on the slots of a frozen discovery model (docs/official.md §2.11).
 
 Slots are matched to ground-truth objects through their segments (Hungarian matching on IoU); an MLP then
 predicts each matched slot's class and box.
@@ -39,7 +39,7 @@ class ObjDiscovRecogn(nn.Module):
         thresh_iou: a match is kept if its segment IoU is above this.
         attention: which attention gives the predicted segments: "attn_enc" (the official choice) or
             "attn_dec" (the one the discovery metrics use).
-        official_compat: keep the official filter that admits at most objects 0 and 1 per image (SPEC §10.2),
+        official_compat: keep the official filter that admits at most objects 0 and 1 per image (docs/official.md §10.2),
             needed to reproduce the published recognition numbers; off, every matched object counts.
 
     The discovery model runs in the wrapper's mode, as in the official code: during probe training it samples

@@ -1,4 +1,4 @@
-"""Learning-rate and detach schedules (SPEC §4), pure functions of the optimiser step.
+"""Learning-rate and detach schedules (docs/official.md §4), pure functions of the optimiser step.
 
 ``step`` is the number of optimiser steps already taken (0 .. total); the training loop evaluates
 both functions before every training step, never during validation.

@@ -1,4 +1,4 @@
-"""Slot attention with bi-level truncated back-propagation (SPEC §2.6).
+"""Slot attention with bi-level truncated back-propagation (docs/official.md §2.6).
 
 Shapes: B batch, N tokens, S slots, D slot channels (256), Dv token channels (384).
 """

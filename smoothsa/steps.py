@@ -21,7 +21,7 @@ def model_inputs(batch: dict, preset: Preset) -> tuple[torch.Tensor, torch.Tenso
 
 
 def discovery_losses(out, preset: Preset) -> dict[str, torch.Tensor]:
-    """Weighted losses of a discovery model (SPEC §3); their sum is optimised."""
+    """Weighted losses of a discovery model (docs/official.md §3); their sum is optimised."""
     weights = preset.optim.loss_weights
     terms = {"recon": losses.reconstruction_loss(out.recon, out.feature)}
     if "preheat" in weights:
@@ -49,7 +49,7 @@ def forward_losses(model: nn.Module, batch: dict, preset: Preset):
 
 @torch.no_grad()
 def discovery_metrics(out, segment: torch.Tensor, official_compat: bool = False) -> dict[str, torch.Tensor]:
-    """Per-sample ARI, ARI-fg, mBO, mIoU from the decoder attention (SPEC §7.1–7.2); a video is one sample.
+    """Per-sample ARI, ARI-fg, mBO, mIoU from the decoder attention (docs/official.md §7.1–§7.2); a video is one sample.
 
     Shapes: out.attn_dec (B, [T,] S, h, w); segment (B, [T,] H, W, C) bool → each metric (B,) float64.
     """

@@ -1,4 +1,4 @@
-"""Training (SPEC §4): Adam, linear-warmup-cosine lr, the detach_flag schedule, gradient clipping, fp16 AMP,
+"""Training (docs/official.md §4): Adam, linear-warmup-cosine lr, the detach_flag schedule, gradient clipping, fp16 AMP,
 torch.compile, DistributedDataParallel, atomic checkpoints in the official layout, and resume.
 
     python -m smoothsa.train                       # the embedded demo: synthetic data, CPU, then evaluation

@@ -1,4 +1,4 @@
-"""`RSFQTransit`: turns past slots and frame features into the next frame's slot-attention query (SPEC §2.7).
+"""`RSFQTransit`: turns past slots and frame features into the next frame's slot-attention query (docs/official.md §2.7).
 
 Shapes: B batch, Tp past frames, N tokens, S slots, D slot channels (256), Dv token channels (384).
 """

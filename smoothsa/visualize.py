@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-# ImageNet statistics on the 0–255 scale, as the data pipeline normalises (SPEC §2.1).
+# ImageNet statistics on the 0–255 scale, as the data pipeline normalises (docs/official.md §2.1).
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 

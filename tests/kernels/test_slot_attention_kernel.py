@@ -225,7 +225,7 @@ def test_module_fused_matches_reference(trunc_bp, num_iter):
     _assert_close(attn, attn_ref, tol, "attn")
     assert grads.keys() == grads_ref.keys() and len(grads) == 19
     for name, grad in grads.items():
-        if name == "param.norm1q.bias":  # analytically zero (SPEC §2.6 note iii): compare absolutely
+        if name == "param.norm1q.bias":  # analytically zero (docs/official.md §2.6 note iii): compare absolutely
             assert grad.abs().max() < 1e-5
             continue
         _assert_close(grad, grads_ref[name], tol, name)

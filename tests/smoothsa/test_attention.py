@@ -42,7 +42,7 @@ def test_decoder_layer_matches_torch(norm_first):
 
 
 def test_swapped_layer_follows_the_spec_formula():
-    """SPEC §2.3: x += CA(x, mem) with un-normalised queries; x += SA(norm1(x)); x += FF(norm3(x))."""
+    """docs/official.md §2.3: x += CA(x, mem) with un-normalised queries; x += SA(norm1(x)); x += FF(norm3(x))."""
     layer = _randomise(TransformerDecoderLayer(32, 4, 64, 0.0, True, False, cross_first=True).double()).eval()
     assert "norm2.weight" not in layer.state_dict()
     x, mem = torch.randn(2, 5, 32, dtype=torch.double), torch.randn(2, 11, 32, dtype=torch.double)

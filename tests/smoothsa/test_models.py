@@ -1,4 +1,4 @@
-"""Whole models: input validation, output shapes, and which parameters each loss reaches (SPEC §2.4, §2.10)."""
+"""Whole models: input validation, output shapes, and which parameters each loss reaches (docs/official.md §2.4, §2.10)."""
 import pytest
 import torch
 

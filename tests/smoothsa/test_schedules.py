@@ -6,7 +6,7 @@ from smoothsa.schedules import detach_flag, linear_warmup_cosine
 
 
 def _official_cb_linear_cosine(nlin: int, ntotal: int, vstart: float, vbase: float, vfinal: float) -> list[float]:
-    """The official CbLinearCosine table (SPEC §4), rebuilt from its two formulas."""
+    """The official CbLinearCosine table (docs/official.md §4), rebuilt from its two formulas."""
     ncos = ntotal - nlin
     linear = [(vbase - vstart) / nlin * n + vstart for n in range(nlin + 1)]
     cosine = [0.5 * (vbase - vfinal) * (1 + math.cos(math.pi * n / ncos)) + vfinal for n in range(1, ncos + 1)]

@@ -1,4 +1,4 @@
-"""RSFQTransit: the eval path of SPEC §9 and the training-time random gaps of §2.7."""
+"""RSFQTransit: the eval path of docs/official.md §9 and the training-time random gaps of §2.7."""
 import itertools
 
 import pytest
