@@ -1,4 +1,4 @@
-"""Converters from the original dataset layouts to the official LMDB files (SPEC §6).
+"""Converters from the original dataset layouts to the official LMDB files (docs/official.md §6).
 
     python -m smoothsa.dataio.convert clevrtex --src /data/raw/clevrtex --dst data/clevrtex
     python -m smoothsa.dataio.convert coco     --src /data/raw/coco     --dst data/coco

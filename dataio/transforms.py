@@ -1,4 +1,4 @@
-"""Per-sample transforms and the collate function (SPEC §5), with the official semantics.
+"""Per-sample transforms and the collate function (docs/official.md §5), with the official semantics.
 
 Training: random crop whose area range is relative to the largest centred square -> bilinear
 antialiased resize of the uint8 image to 256x256 -> nearest-exact resize of the index map ->
@@ -174,7 +174,7 @@ def preprocess(
     generator: torch.Generator | None = None,
     rng: random.Random | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The one preprocessing function of training and validation (SPEC §5.1).
+    """The one preprocessing function of training and validation (docs/official.md §5.1).
 
     Args:
         image: uint8 RGB image or clip.
@@ -228,13 +228,13 @@ def strided_clip_start(num_frames: int, length: int, rng: random.Random | None =
 # per key: (axis to pad, counted from the end of the per-sample shape; pad value)
 PAD_RULES: dict[str, tuple[int, float | bool]] = {
     "segment": (-1, False),  # (..., H, W, C): the mask channels
-    "bbox": (-2, -1.0),  # (..., n, 4): objects; -1 marks padding as in the official MOVi ClPadTo1
+    "bbox": (-2, 0.0),  # (..., n, 4): objects; 0 as the official `ClPadToMax1` (MOVi pads -1, `ClPadTo1`)
     "clazz": (-1, 0),  # (..., n): objects
 }
 
 
 def pad_collate(samples: Sequence[dict], pad_rules: dict[str, tuple[int, float | bool]] = PAD_RULES) -> dict:
-    """Pads `segment` channels and `bbox`/`clazz` objects to the batch maximum, then stacks (SPEC §5.2).
+    """Pads `segment` channels and `bbox`/`clazz` objects to the batch maximum, then stacks (docs/official.md §5.2).
 
     Args:
         samples: per-sample dicts of tensors (and optionally other values: lists are made of them).
@@ -242,7 +242,7 @@ def pad_collate(samples: Sequence[dict], pad_rules: dict[str, tuple[int, float |
 
     Shapes:
         segment: B x (..., H, W, C_i) -> (B, ..., H, W, max C_i) bool, padded with False
-        bbox: B x (..., n_i, 4) -> (B, ..., max n_i, 4), padded with -1
+        bbox: B x (..., n_i, 4) -> (B, ..., max n_i, 4), padded with 0 (by the default rules)
         clazz: B x (..., n_i) -> (B, ..., max n_i), padded with 0
     """
     batch = {}
