@@ -335,18 +335,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
 
 
-def check_png(buffer: Any, location: str) -> None:
+def check_png(buffer: Any, location: str, inflate: bool = True) -> None:
     """Refuses a PNG that libpng (the official reader's decoder, through cv2) would refuse.
 
     Pillow skips most integrity checks, so a flipped bit can decode to a different image without an
     error. Checked here: the signature; every chunk's CRC (ancillary ones too, where libpng would only
-    drop the chunk); IHDR first and IEND present; the zlib stream of the IDAT chunks complete, with its
-    Adler-32; and, for non-interlaced images, exactly one filter byte (0..4) plus one row of samples
-    per image row.
+    drop the chunk); IHDR first and IEND present; with `inflate`, also the zlib stream of the IDAT
+    chunks (complete, Adler-32 intact) and, for non-interlaced images, exactly one filter byte (0..4)
+    plus one row of samples per image row. The CRCs alone catch every corruption of up to 32
+    consecutive bits after the file was written; inflating also catches a file written corrupt.
 
     Args:
         buffer: encoded bytes or a 1-D uint8 array.
         location: dataset/split/key/field for error messages.
+        inflate: check the image data stream too (costs about half a decode).
     """
     data = bytes(_as_bytes(buffer))
 
@@ -381,6 +383,8 @@ def check_png(buffer: Any, location: str) -> None:
     depth, colour, interlace = header[8], header[9], header[12]
     if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
         raise refuse(f"IHDR has colour type {colour} and bit depth {depth}")
+    if not inflate:
+        return
     stream = zlib.decompressobj()
     try:
         raw = stream.decompress(b"".join(compressed))
@@ -404,9 +408,10 @@ def _as_bytes(buffer: Any) -> bytes | memoryview:
     raise TypeError(f"expected encoded bytes or a 1-D uint8 array, got {type(buffer).__name__}")
 
 
-def _open(buffer: Any, location: str) -> Image.Image:
+def _open(buffer: Any, location: str, strict: bool) -> Image.Image:
+    """Decodes with Pillow; PNGs are checked first (`check_png`, inflating them too when `strict`)."""
     if bytes(_as_bytes(buffer)[:8]) == PNG_SIGNATURE:
-        check_png(buffer, location)
+        check_png(buffer, location, inflate=strict)
     try:
         image = Image.open(io.BytesIO(_as_bytes(buffer)))
         image.load()  # decode now: Pillow opens lazily and a truncated file would only fail later
@@ -416,7 +421,7 @@ def _open(buffer: Any, location: str) -> Image.Image:
 
 
 def decode_rgb(buffer: Any, location: str, channels_reversed: bool = False) -> np.ndarray:
-    """Decodes a PNG/JPEG buffer to RGB.
+    """Decodes a PNG/JPEG buffer to RGB (PNG chunk CRCs checked, see `check_png`).
 
     Args:
         buffer: encoded bytes or a 1-D uint8 array.
@@ -427,18 +432,19 @@ def decode_rgb(buffer: Any, location: str, channels_reversed: bool = False) -> n
     Shapes:
         returns (H, W, 3) uint8; grayscale files are replicated, alpha is dropped.
     """
-    image = _open(buffer, location)
+    image = _open(buffer, location, strict=False)
     array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
     return np.ascontiguousarray(array[..., ::-1]) if channels_reversed else array
 
 
 def decode_index(buffer: Any, location: str) -> np.ndarray:
-    """Decodes an 8-bit single-channel PNG index map.
+    """Decodes an 8-bit single-channel PNG index map, strictly (`check_png` with the image data inflated):
+    a corrupt map is an error, never a wrong labelling.
 
     Shapes:
         returns (H, W) uint8.
     """
-    image = _open(buffer, location)
+    image = _open(buffer, location, strict=True)
     if image.mode not in ("L", "P"):
         raise RecordError(f"{location}: an index map must be an 8-bit single-channel PNG, got mode {image.mode}")
     return np.asarray(image)

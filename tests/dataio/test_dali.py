@@ -135,3 +135,49 @@ def test_broken_image_names_the_records(tmp_path):
     path = write_records(tmp_path / "val.lmdb", records)
     with pytest.raises(RecordError, match="coco/val key 000001 field 'image': DALI failed"):
         list(make_loader(ClevrTex(path, name="coco"), LoaderOptions(batch_size=3, backend="dali")))
+
+
+def exif_rotated_jpeg(image: np.ndarray, orientation: int = 6) -> bytes:
+    """JPEG bytes whose EXIF orientation tag asks viewers to rotate (6: 90 degrees clockwise)."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def test_exif_orientation_is_not_applied(tmp_path):
+    """Both paths decode the stored pixel grid, as the official reader; DALI used to rotate and crash."""
+    from smoothsa.dataio.records import write_records
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    image[:, :160] //= 4  # a dark left half: a rotation would put it on top
+    segment = np.zeros((240, 320), np.uint8)
+    segment[:, :160] = 1
+    record = dict(image=exif_rotated_jpeg(image), segment=encode_png(segment))
+    path = write_records(tmp_path / "train.lmdb", [record] * 4)
+    for is_training in (True, False):
+        options = dict(batch_size=2, seed=5, drop_last=False)
+        a = make_loader(ClevrTex(path, is_training), LoaderOptions(**options))
+        b = make_loader(ClevrTex(path, is_training), LoaderOptions(**options, backend="dali"))
+        assert assert_same_batches(a, b, "image") == 2
+    sample = ClevrTex(path)[0]  # validation: the centred 240x240 square, columns 40..279
+    assert sample["segment"].shape == (256, 256, 2) and sample["segment"][:, :128, 1].all()
+
+
+def test_corrupt_segment_is_named_on_the_dali_path(tmp_path):
+    from smoothsa.dataio.records import RecordError, write_records
+
+    segment = np.zeros((32, 32), np.uint8)
+    segment[4:20, 6:30] = 1
+    png = bytearray(encode_png(segment).tobytes())
+    png[len(png) // 2] ^= 0x01
+    good = dict(image=encode_jpeg(np.full((32, 32, 3), 70, np.uint8)), segment=encode_png(segment))
+    path = write_records(tmp_path / "val.lmdb", [good, dict(good, segment=bytes(png))])
+    with pytest.raises(RecordError, match=r"clevrtex/val key 000001 field 'segment': cannot decode the image"):
+        list(make_loader(ClevrTex(path), LoaderOptions(batch_size=1, backend="dali")))

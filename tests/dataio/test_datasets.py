@@ -364,3 +364,79 @@ def test_loader_rank_length(tmp_path):
     loader = make_loader(dataset, LoaderOptions(batch_size=2, rank=1, world_size=2))
     batches = list(loader)
     assert len(loader) == len(batches) == 2 and [b["image"].shape[0] for b in batches] == [2, 1]
+
+
+def test_corrupt_segment_names_dataset_split_key_and_field(tmp_path):
+    image = np.full((20, 20, 3), 90, np.uint8)
+    segment = np.ones((20, 20), np.uint8)
+    segment[4:9, 4:12] = 2
+    png = bytearray(encode_png(segment).tobytes())
+    png[len(png) // 2] ^= 0x04  # one bit inside the image data
+    records = [dict(image=encode_jpeg(image), segment=encode_png(segment)), dict(image=encode_jpeg(image), segment=bytes(png))]
+    dataset = VOC(write_official(tmp_path / "val.lmdb", records))
+    assert dataset[0]["segment"].shape == (256, 256, 2)
+    with pytest.raises(RecordError, match=r"voc/val key 000001 field 'segment': cannot decode the image \(corrupt PNG"):
+        dataset[1]
+
+
+def test_loaders_pass_the_epoch_seed_and_leave_the_reader_alone(tmp_path):
+    record, _, _ = clevrtex_sample()
+    dataset = ClevrTex(write_official(tmp_path / "train.lmdb", [record] * 3), is_training=True)
+    before = dict(vars(dataset))
+    loader = make_loader(dataset, LoaderOptions(batch_size=3, seed=4))
+    loader.set_epoch(2)
+    batch = next(iter(loader))
+    assert vars(dataset).keys() == before.keys() and not hasattr(dataset, "augment_seed")
+    from smoothsa.dataio.epochs import augment_seed, epoch_order
+
+    order = epoch_order(3, 4, 2, True)
+    for position, index in enumerate(order):  # sample i of epoch e is drawn from augment_seed(seed, e)
+        assert torch.equal(batch["image"][position], dataset.load(index, augment_seed(4, 2))["image"])
+
+
+def test_loader_keys_select_what_batches_carry(tmp_path):
+    record, _ = coco_sample()
+    path = write_official(tmp_path / "val.lmdb", [record] * 2)
+    dataset = COCO(path, with_bbox=True, with_clazz=True)
+    assert dataset.keys == ("image", "segment", "bbox", "clazz")
+    batch = next(iter(make_loader(dataset, LoaderOptions(batch_size=2, keys=("image", "bbox")))))
+    assert list(batch) == ["image", "bbox"] and batch["bbox"].shape == (2, 2, 4)
+    assert list(next(iter(make_loader(COCO(path, with_segment=False), LoaderOptions(batch_size=2))))) == ["image"]
+    with pytest.raises(ValueError, match=r"coco/val: the loader was asked for 'depth'"):
+        make_loader(dataset, LoaderOptions(keys=("image", "depth")))
+    with pytest.raises(ValueError, match="with_segment"):
+        COCO(path, with_segment=False, with_bbox=True)
+
+
+def test_empty_split_is_an_error(tmp_path):
+    dataset = ClevrTex(write_official(tmp_path / "val.lmdb", []), name="clevrtex")
+    with pytest.raises(ValueError, match=r"clevrtex/val: the split holds no samples"):
+        make_loader(dataset, LoaderOptions())
+
+
+def test_loader_options_are_checked():
+    with pytest.raises(ValueError, match="backend must be one of torch, dali"):
+        LoaderOptions(backend="cuda")
+    with pytest.raises(ValueError, match="rank 2 outside 0..1"):
+        LoaderOptions(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        LoaderOptions(batch_size=0)
+    assert LoaderOptions(keys=["image"]).keys == ("image",)
+
+
+def test_open_dataset_registry(tmp_path):
+    from smoothsa.dataio.datasets import DATASETS, open_dataset
+
+    record, _ = coco_sample()
+    path = write_official(tmp_path / "train.lmdb", [record])
+    coco = open_dataset("coco", path, True, with_bbox=True)
+    assert isinstance(coco, COCO) and coco.mode == "instance" and coco.is_training and coco.keys[-1] == "bbox"
+    assert open_dataset("coco", path, coco_mode="panoptic").mode == "panoptic"
+    movie = write_official(tmp_path / "val.lmdb", [movi_sample()[0]])
+    video = open_dataset("movi_e", movie, clip_length=3, with_bbox=True)
+    assert isinstance(video, MOVi) and video.clip_length is None and video.location == "movi_e/val"  # whole videos
+    assert open_dataset("synthetic", path).name == "synthetic" and DATASETS["synthetic_video"] is MOVi
+    with pytest.raises(ValueError, match="unknown dataset 'cityscapes'"):
+        open_dataset("cityscapes", path)
+    with pytest.raises(ValueError, match="voc: this reader has no boxes"):
+        open_dataset("voc", path, with_bbox=True)
