@@ -1,4 +1,4 @@
-"""Readers of the official LMDB layouts (SPEC §6): keys, shapes, dtypes and the mask rules, by hand."""
+"""Readers of the official LMDB layouts (docs/official.md §6): keys, shapes, dtypes and the mask rules, by hand."""
 
 import math
 import pickle

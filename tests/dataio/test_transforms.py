@@ -1,4 +1,4 @@
-"""Per-sample transforms (SPEC §5.1) and the pad-to-max collate (SPEC §5.2), against hand-computed values."""
+"""Per-sample transforms (docs/official.md §5.1) and the pad-to-max collate (docs/official.md §5.2), against hand-computed values."""
 
 import math
 import random
