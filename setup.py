@@ -16,6 +16,8 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "xformers": ["xformers"],
         "movi": ["tensorflow", "tensorflow-datasets"],
+        # the YTVIS converter rasterises polygon masks with pycocotools, as the official one does
+        "convert": ["pycocotools"],
         "test": ["pytest", "pytest-benchmark", "triton"],
     },
 )

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from smoothsa import build_model
-from smoothsa.data import build_loader
+from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.dataio import write_synthetic
 from smoothsa.train import to_device
 
@@ -53,10 +53,10 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
     model = build_model(preset.model).to(device)
     net = torch.compile(model) if CUDA else model
     step = training_step(model, net, preset, amp)
-    loader = build_loader(
-        preset, coco_like, "train", True, workload.batch, e2e.workers, backend, seed=0,
+    loader = build_loader(preset, coco_like, "train", LoaderOptions(
+        batch_size=workload.batch, workers=e2e.workers, backend=backend, seed=0,
         device_id=(device.index or 0) if CUDA and backend == "dali" else None,
-    )  # fmt: skip
+    ))  # fmt: skip
     epochs = []  # (blocked in next(), of which the first batch, epoch time, steps), one per round
 
     def epoch():

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from smoothsa.dataio.datasets import COCO
-from smoothsa.dataio.loader import make_loader
+from smoothsa.dataio.loader import LoaderOptions, make_loader
 from smoothsa.dataio.synthetic import write_synthetic
 
 NUM_IMAGES = 64
@@ -46,7 +46,7 @@ CASES = [
 @pytest.mark.parametrize("backend, workers", CASES)
 def test_loader_images_per_second(benchmark, coco_like, backend, workers):
     dataset = COCO(coco_like, is_training=True, mode="instance", with_bbox=True, with_clazz=True)
-    loader = make_loader(dataset, BATCH_SIZE, True, num_workers=workers, seed=0, backend=backend)
+    loader = make_loader(dataset, LoaderOptions(batch_size=BATCH_SIZE, workers=workers, seed=0, backend=backend))
 
     def epoch() -> int:
         return sum(batch["image"].shape[0] for batch in loader)

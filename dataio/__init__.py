@@ -1,18 +1,20 @@
 """LMDB datasets, converters, transforms and loaders for SmoothSA (`smoothsa.dataio`).
 
-    from smoothsa.dataio import COCO, make_loader
-    train = COCO("data/coco/train.lmdb", is_training=True)
-    loader = make_loader(train, batch_size=32, is_training=True, num_workers=4, seed=42)  # backend="dali"
+    from smoothsa.dataio import LoaderOptions, make_loader, open_dataset
+    train = open_dataset("coco", "data/coco/train.lmdb", is_training=True)
+    loader = make_loader(train, LoaderOptions(batch_size=32, workers=4, seed=42))  # backend="dali"
     for batch in loader:
         batch["image"]    # (B, 3, 256, 256) float32, normalised
         batch["segment"]  # (B, 256, 256, C) bool, channel last, padded with False
 
-Modules: `records` (LMDB access, safe unpickling, atomic writer), `datasets` (readers), `transforms`
-(crop / resize / flip / normalise, collate), `loader` (torch and DALI loaders), `dali` (optional DALI
+Modules: `records` (LMDB access, safe unpickling, strict PNG decoding, atomic writer), `datasets` (readers
+and their registry `DATASETS`), `transforms` (crop / resize / flip / normalise, collate), `epochs` (loader
+options, epoch order, worker seeding, resume), `loader` (torch and DALI loaders), `dali` (optional DALI
 pipeline), `synthetic` (synthetic scenes in the official layout), `convert` (original layouts -> LMDB).
 """
 
-from .datasets import COCO, DATASETS, MOVi, VOC, YTVIS, ClevrTex, Encoded, LmdbDataset
+from .datasets import COCO, DATASETS, MOVi, VOC, YTVIS, ClevrTex, Encoded, LmdbDataset, open_dataset
+from .epochs import BACKENDS, EpochLoader, LoaderOptions, epoch_order
 from .loader import TorchLoader, make_loader
 from .records import LmdbRecords, LmdbWriter, RecordError, write_records
 from .synthetic import render_scene, render_video, write_synthetic
@@ -27,6 +29,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "BACKENDS",
     "COCO",
     "DATASETS",
     "IMAGENET_MEAN",
@@ -34,16 +37,20 @@ __all__ = [
     "ClevrTex",
     "CropWindow",
     "Encoded",
+    "EpochLoader",
     "LmdbDataset",
     "LmdbRecords",
     "LmdbWriter",
+    "LoaderOptions",
     "MOVi",
     "RecordError",
     "TorchLoader",
     "VOC",
     "YTVIS",
     "center_crop_window",
+    "epoch_order",
     "make_loader",
+    "open_dataset",
     "pad_collate",
     "preprocess",
     "random_crop_window",

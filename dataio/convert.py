@@ -10,14 +10,16 @@ Expected inputs (`--src`):
 * clevrtex: `clevrtex_full/<0..49>/` (train) and `clevrtex_outd/` (val, the OOD set); per scene
   `<stem>.png` (image), `<stem>_depth_0001.png`, `<stem>_flat.png` (flat-colour instance mask).
 * coco: `train2017/`, `val2017/`, `annotations/panoptic_{train,val}2017.json` with their PNG folders
-  `annotations/panoptic_{train,val}2017/`, and `annotations/panoptic_coco_categories.json`.
+  `annotations/panoptic_{train,val}2017/`, and `panoptic_coco_categories.json` at the root of `--src`.
 * voc: `VOC2012/` (train) and `VOC2007/` (val), each with `JPEGImages/` and `SegmentationObject/`.
 * movi: a TFDS data dir holding `<name>/256x256/1.0.0` (needs TensorFlow: pip install 'smoothsa[movi]').
 * ytvis: `--variant hq`: `JPEGImages/` + `ytvis_hq-{train,val,test}.json`; `--variant 2022`:
-  `{train,valid,test}/JPEGImages/` + `train/instances.json`, `valid/gt.json`, `test/instances.json`.
-  Override with `--split NAME=ANNOTATIONS.json[:FRAMES_DIR]`.
+  `{train,valid,test}/JPEGImages/` + `train/instances.json`, `valid/gt.json`, `test/test_gt.json`.
+  Override with `--split NAME=ANNOTATIONS.json[:FRAMES_DIR]`. Polygon masks are rasterised by
+  pycocotools, as the official converter does: pip install 'smoothsa[convert]'.
 
-Every split is written to `<dst>/<split>.lmdb` atomically (see `records.LmdbWriter`).
+Every split is written to `<dst>/<split>.lmdb` atomically (see `records.LmdbWriter`). A split whose
+inputs are missing is skipped with a note on stderr; finding no split at all is an error (exit 2).
 """
 
 from __future__ import annotations
@@ -26,17 +28,26 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 from .records import LmdbWriter, encode_png
 
 VOC_BOUNDARY = (224, 224, 192)
+
+
+class ConversionError(ValueError):
+    """The source folder does not hold what the converter expects; the message says what and where."""
+
+
+def _nothing_found(dataset: str, src: Path, expected: str) -> ConversionError:
+    return ConversionError(f"{dataset}: found no split under {src}; expected {expected}")
 
 
 def write_split(path: Path, records: Iterable[dict], total: int | None, desc: str) -> Path:
@@ -73,13 +84,9 @@ _CLEVRTEX_SCENE = re.compile(r"^(?P<stem>.+_\d{6})\.png$")
 
 
 def _clevrtex_scenes(folder: Path) -> list[Path]:
-    """Scene images under `folder` (recursively), folders in numeric order, then by name."""
-
-    def order(path: Path) -> tuple:
-        parts = path.relative_to(folder).parts[:-1]
-        return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts) + ((1, path.name),)
-
-    return sorted((p for p in folder.rglob("*.png") if _CLEVRTEX_SCENE.match(p.name)), key=order)
+    """Scene images under `folder` (recursively) in the official order: full paths sorted as text, so part
+    folders come 0, 1, 10, 11, ..., 19, 2, 20, ... (this fixes which scene each LMDB index holds)."""
+    return sorted((p for p in folder.rglob("*.png") if _CLEVRTEX_SCENE.match(p.name)), key=lambda p: str(p))
 
 
 def clevrtex_record(image_path: Path) -> dict:
@@ -106,6 +113,8 @@ def convert_clevrtex(src: Path, dst: Path, limit: int | None = None) -> list[Pat
             continue
         records = map(clevrtex_record, scenes)
         written.append(write_split(dst / f"{split}.lmdb", records, len(scenes), f"clevrtex {split}"))
+    if not written:
+        raise _nothing_found("clevrtex", src, "clevrtex_full/<0..49>/*.png and clevrtex_outd/*.png")
     return written
 
 
@@ -133,7 +142,13 @@ def coco_record(image_path: Path, panoptic_path: Path, segments_info: list[dict]
 
 def convert_coco(src: Path, dst: Path, limit: int | None = None) -> list[Path]:
     annotations = src / "annotations"
-    with open(annotations / "panoptic_coco_categories.json") as file:
+    categories = src / "panoptic_coco_categories.json"  # the official layout keeps it at the root
+    if not categories.exists():
+        raise ConversionError(
+            f"coco: {categories} not found; the official layout has panoptic_coco_categories.json at the root "
+            "of the source folder (next to annotations/), from the panopticapi repository"
+        )
+    with open(categories) as file:
         isthing = {category["id"]: bool(category["isthing"]) for category in json.load(file)}
     written = []
     for split in ("train", "val"):
@@ -153,6 +168,8 @@ def convert_coco(src: Path, dst: Path, limit: int | None = None) -> list[Path]:
             for item in items
         )
         written.append(write_split(dst / f"{split}.lmdb", records, len(items), f"coco {split}"))
+    if not written:
+        raise _nothing_found("coco", src, "annotations/panoptic_{train,val}2017.json")
     return written
 
 
@@ -183,6 +200,8 @@ def convert_voc(src: Path, dst: Path, limit: int | None = None) -> list[Path]:
             continue
         records = (voc_record(src / year / "JPEGImages" / f"{mask.stem}.jpg", mask) for mask in masks)
         written.append(write_split(dst / f"{split}.lmdb", records, len(masks), f"voc {split}"))
+    if not written:
+        raise _nothing_found("voc", src, "VOC2012/SegmentationObject/*.png and VOC2007/SegmentationObject/*.png")
     return written
 
 
@@ -333,18 +352,22 @@ def rle_encode(mask: np.ndarray) -> dict:
 
 
 def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
-    """Rasterises COCO polygons [x0, y0, x1, y1, ...] (merged) with Pillow; boundary pixels can differ
-    from pycocotools by one pixel.
+    """Rasterises COCO polygons [x0, y0, x1, y1, ...] (merged into one mask) with pycocotools, as the
+    official converter does (other rasterisers disagree on boundary pixels).
 
     Shapes:
         -> (H, W) uint8 in {0, 1}
     """
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    for polygon in polygons:
-        if len(polygon) >= 6:
-            draw.polygon([(polygon[i], polygon[i + 1]) for i in range(0, len(polygon) - 1, 2)], fill=1)
-    return np.asarray(canvas)
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        raise ConversionError(
+            "this annotation file has polygon masks, which are rasterised with pycocotools (as the official "
+            "converter does); install it: pip install 'smoothsa[convert]' (or pip install pycocotools)"
+        ) from None
+    with warnings.catch_warnings():  # pycocotools' decode calls np.array(copy=False) on numpy 2
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, height, width)))
 
 
 def track_masks(track: dict, frames: int, height: int, width: int) -> np.ndarray:
@@ -387,7 +410,7 @@ def _ytvis_splits(src: Path, variant: str) -> dict[str, tuple[Path, Path]]:
         return {
             "train": (src / "train" / "instances.json", src / "train" / "JPEGImages"),
             "val": (src / "valid" / "gt.json", src / "valid" / "JPEGImages"),
-            "test": (src / "test" / "instances.json", src / "test" / "JPEGImages"),
+            "test": (src / "test" / "test_gt.json", src / "test" / "JPEGImages"),
         }
     raise ValueError(f"unknown YTVIS variant {variant!r} (hq or 2022)")
 
@@ -424,6 +447,9 @@ def convert_ytvis(
             for vid in ids
         )
         written.append(write_split(dst / f"{split}.lmdb", records, len(ids), f"ytvis {split}"))
+    if not written:
+        names = ", ".join(str(annotation_file) for annotation_file, _ in (splits or _ytvis_splits(src, variant)).values())
+        raise ConversionError(f"ytvis: found no annotated split; looked for {names}")
     return written
 
 
@@ -468,7 +494,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
             args.src, args.dst, args.variant, dict(args.split) if args.split else None, args.limit
         ),
     }
-    written = converters[args.dataset]()
+    try:
+        written = converters[args.dataset]()
+    except ConversionError as error:
+        parser.exit(2, f"error: {error}\n")
     for path in written:
         print(path)
     return written

@@ -35,8 +35,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .datasets import Encoded, LmdbDataset
-from .loader import EpochLoader, single_threaded
-from .records import RecordError, encode_png, image_size
+from .epochs import EpochLoader, LoaderOptions, augment_seed, select, single_threaded
+from .records import RecordError, check_png, encode_png, image_size
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed, draw_params, pad_collate
 
 
@@ -68,7 +68,14 @@ def _frame_pipeline(
         inputs = fn.external_source(source=source, num_outputs=5 if with_segment else 4, batch=True)
         encoded, anchor, shape, flip = inputs[0], inputs[-3], inputs[-2], inputs[-1]
         decoder = "cpu" if device_id is None else "mixed"
-        images = fn.decoders.image(encoded, device=decoder, output_type=types.BGR if channels_reversed else types.RGB)
+        # no EXIF rotation: the official reader (and the torch path) decode the stored pixel grid as it is,
+        # and the crop window was drawn from the unrotated header
+        images = fn.decoders.image(
+            encoded,
+            device=decoder,
+            output_type=types.BGR if channels_reversed else types.RGB,
+            adjust_orientation=False,
+        )
         images = fn.slice(images, anchor, shape, axes=[0, 1])  # integer anchor/shape: absolute (y, x) pixels
         images = fn.resize(images, size=[resolution, resolution], interp_type=types.INTERP_LINEAR, antialias=True)
         # resize keeps uint8 (rounded), as the torch path rounds before normalising
@@ -83,7 +90,7 @@ def _frame_pipeline(
         if not with_segment:
             return (images,)
         # index maps are tiny 8-bit PNGs: decode them on the CPU, exactly (GRAY of a gray PNG is the identity)
-        segments = fn.decoders.image(inputs[1], device="cpu", output_type=types.GRAY)
+        segments = fn.decoders.image(inputs[1], device="cpu", output_type=types.GRAY, adjust_orientation=False)
         segments = fn.slice(segments, anchor, shape, axes=[0, 1])
         segments = fn.resize(segments, size=[resolution, resolution], interp_type=types.INTERP_NN, antialias=False)
         segments = fn.flip(segments, horizontal=flip)
@@ -109,46 +116,36 @@ def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
 class DaliLoader(EpochLoader):
     """Iterating yields one epoch of padded batches decoded and augmented by DALI.
 
-    Args: as `loader.EpochLoader` (same seed, same order, same augmentations as the torch loader), plus
-        num_threads: DALI CPU threads.
-        device_id: CUDA device ("mixed" decoding, GPU resize), or None for CPU-only DALI.
+    Args: as `epochs.EpochLoader` (same seed, same order, same augmentations as the torch loader);
+        `options.workers` DALI CPU threads (at least 1), `options.device_id` the CUDA device ("mixed"
+        decoding, GPU resize), or None for CPU-only DALI.
     The dataset's `is_training`, `resolution` and `finish` are used.
     """
 
-    def __init__(
-        self,
-        dataset: LmdbDataset,
-        batch_size: int,
-        is_training: bool,
-        num_threads: int = 2,
-        seed: int = 0,
-        drop_last: bool = False,
-        device_id: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        super().__init__(dataset, batch_size, is_training, seed, drop_last, rank, world_size)
-        self.num_threads = num_threads
-        self.device_id = device_id
-        clip = getattr(dataset, "clip_length", None) if is_training else None
+    def __init__(self, dataset: LmdbDataset, options: LoaderOptions):
+        super().__init__(dataset, options)
+        self.num_threads = max(options.workers, 1)
+        self.device_id = options.device_id
+        clip = getattr(dataset, "clip_length", None) if dataset.is_training else None
         # a chunk is what one pipeline run processes; longer videos simply span several chunks
-        self.max_items = batch_size * (clip or (24 if dataset.is_video else 1))
+        self.max_items = self.batch_size * (clip or (24 if dataset.is_video else 1))
 
-    def _plan(self, order: list[int], augment_seed: int) -> Iterator[tuple[list[Encoded], list[tuple]]]:
+    def _plan(self, order: list[int], seed: int) -> Iterator[tuple[list[Encoded], list[tuple]]]:
         """Per batch: the encoded samples and, per frame, (image, segment, anchor, shape, flip)."""
         dataset = self.dataset
-        dataset.augment_seed = augment_seed
         for number in range(len(self) - self._skipped):
             samples, frames = [], []
             for index in order[number * self.batch_size : (number + 1) * self.batch_size]:
-                generator, rng = dataset.rngs(index)
+                generator, rng = dataset.rngs(index, seed)
                 encoded = dataset.encoded(index, rng)
                 height, width = image_size(encoded.images[0], encoded.location)
-                window, flip = draw_params(height, width, self.is_training, generator, rng)
+                window, flip = draw_params(height, width, dataset.is_training, generator, rng)
                 anchor = np.array([window.top, window.left], np.int64)
                 shape = np.array([window.height, window.width], np.int64)
                 flag = np.array(int(flip), np.int32)
                 segments = encoded.segments or [None] * len(encoded.images)
+                for segment in encoded.segments or ():  # decoded strictly, as the torch path does
+                    check_png(_buffer(segment), dataset.records.where(encoded.key, "segment"))
                 for image, segment in zip(encoded.images, segments):
                     frames.append((_buffer(image), _buffer(segment), anchor, shape, flag, encoded))
                 samples.append(encoded)
@@ -156,7 +153,7 @@ class DaliLoader(EpochLoader):
 
     def __iter__(self) -> Iterator[dict]:
         epoch, self._skipped, order = self._start_epoch()
-        plan = self._plan(order, derive_seed(self.seed, epoch))
+        plan = self._plan(order, augment_seed(self.seed, epoch))
         with_segment = self.dataset.with_segment
         pending: deque = deque()  # per chunk handed to DALI, in order: (samples, last chunk of the batch)
 
@@ -217,9 +214,9 @@ class DaliLoader(EpochLoader):
             if not self.dataset.is_video:
                 pixels = pixels[0]
                 segment = segment[0] if segment is not None else None
-            out.append(self.dataset.finish(encoded, pixels, segment))
+            out.append(select(self.dataset.finish(encoded, pixels, segment), self.keys))
             first += count
-        return pad_collate(out)
+        return pad_collate(out, self.dataset.pad_rules)
 
 
 def _culprit(message: str, owners: list[Encoded]) -> str:

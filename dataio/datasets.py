@@ -9,6 +9,9 @@ Every reader goes through the same three steps, so the torch and DALI loaders sh
 3. `finish(encoded, pixels, segment)` turns the resized index map into boolean masks, channel last,
    keeping only the channels the crop left non-empty, and adds the optional `bbox` / `clazz`.
 
+`DATASETS` names the reader of every dataset; `open_dataset` builds one from a name and the options
+that reader takes.
+
 Shape alphabet: T frames, R output side (256), C mask channels, n objects.
 """
 
@@ -24,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .records import LmdbRecords, RecordError, decode_index, decode_rgb
-from .transforms import derive_seed, preprocess, strided_clip_start
+from .transforms import PAD_RULES, derive_seed, preprocess, strided_clip_start
 
 
 @dataclass
@@ -113,6 +116,7 @@ class LmdbDataset(Dataset):
 
     name = "dataset"
     is_video = False
+    pad_rules = PAD_RULES  # how `transforms.pad_collate` pads this reader's samples
 
     def __init__(
         self,
@@ -127,14 +131,20 @@ class LmdbDataset(Dataset):
         self.is_training = is_training
         self.resolution = resolution
         self.with_segment = with_segment
-        # None: augmentations draw from the global RNGs, like the official code. The loaders set a seed
-        # per epoch; each sample then draws from RNGs seeded by (seed, index), so its crop, flip and
-        # clip do not depend on the worker that loads it, and the torch and DALI loaders agree.
-        self.augment_seed: int | None = None
 
     @property
     def pixel_key(self) -> str:
         return "video" if self.is_video else "image"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys of the samples this reader returns."""
+        return (self.pixel_key,) + ("segment",) * self.with_segment
+
+    @property
+    def location(self) -> str:
+        """dataset/split, for messages."""
+        return self.records.where()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -150,11 +160,16 @@ class LmdbDataset(Dataset):
             raise RecordError(f"{self.records.where(key)}: the record has no field {name!r} (fields: {sorted(sample)})")
         return sample[name]
 
-    def rngs(self, index: int) -> tuple[torch.Generator | None, random.Random | None]:
-        """Augmentation RNGs of sample `index`: torch (crop window) and Python (flip, clip start)."""
-        if self.augment_seed is None:
+    def rngs(self, index: int, seed: int | None) -> tuple[torch.Generator | None, random.Random | None]:
+        """Augmentation RNGs of sample `index`: torch (crop window) and Python (flip, clip start).
+
+        With a seed (the loaders pass one per epoch) they are seeded by (seed, index), so a sample's
+        crop, flip and clip do not depend on the worker that loads it and every backend agrees; without
+        one (None) the augmentations draw from the global RNGs, like the official code.
+        """
+        if seed is None:
             return None, None
-        value = derive_seed(self.augment_seed, index)
+        value = derive_seed(seed, index)
         return torch.Generator().manual_seed(value), random.Random(value)
 
     def encoded(self, index: int, rng: random.Random | None = None) -> Encoded:
@@ -188,12 +203,16 @@ class LmdbDataset(Dataset):
     def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> dict:
-        generator, rng = self.rngs(index)
+    def load(self, index: int, seed: int | None = None) -> dict:
+        """Sample `index`, augmented (in training) with RNGs drawn from `seed` (see `rngs`)."""
+        generator, rng = self.rngs(index, seed)
         encoded = self.encoded(index, rng)
         pixels, segment = self.decode(encoded)
         pixels, segment = preprocess(pixels, segment, self.is_training, self.resolution, generator=generator, rng=rng)
         return self.finish(encoded, pixels, segment)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.load(index)
 
 
 class _ImageDataset(LmdbDataset):
@@ -260,11 +279,11 @@ class COCO(_ImageDataset):
     category ids, `isthing` (s,) bool.
 
     Args:
-        mode: "panoptic": every segment is a channel (unannotated pixels in none);
-            "instance": all stuff OR-ed into one background channel placed first (possibly empty),
-            followed by the thing channels.
-        with_bbox: add `bbox`, boxes recomputed from the masks after the crop.
-        with_clazz: add `clazz`, the category ids.
+        mode: "instance" (the official default, used by every official COCO config): all stuff OR-ed
+            into one background channel placed first (possibly empty), followed by the thing channels;
+            "panoptic": every segment is a channel (unannotated pixels in none).
+        with_bbox: add `bbox`, boxes recomputed from the masks after the crop (needs `with_segment`).
+        with_clazz: add `clazz`, the category ids (needs `with_segment`).
         (others as `LmdbDataset`)
     """
 
@@ -275,19 +294,27 @@ class COCO(_ImageDataset):
         path: str | Path,
         is_training: bool = False,
         resolution: int = 256,
-        mode: Literal["panoptic", "instance"] = "panoptic",
+        mode: Literal["panoptic", "instance"] = "instance",
+        with_segment: bool = True,
         with_bbox: bool = False,
         with_clazz: bool = False,
         name: str | None = None,
     ):
         if mode not in ("panoptic", "instance"):
             raise ValueError(f"mode must be 'panoptic' or 'instance', got {mode!r}")
-        super().__init__(path, is_training, resolution, with_segment=True, name=name)
+        _needs_segment(with_segment, with_bbox=with_bbox, with_clazz=with_clazz)
+        super().__init__(path, is_training, resolution, with_segment, name)
         self.mode = mode
         self.with_bbox = with_bbox
         self.with_clazz = with_clazz
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return super().keys + ("bbox",) * self.with_bbox + ("clazz",) * self.with_clazz
+
     def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
+        if segment is None:
+            return {"image": pixels}
         where = self.records.where(encoded.key)
         needed = ["isthing"] * (self.mode == "instance") + ["clazz"] * self.with_clazz
         for name in needed:
@@ -355,10 +382,15 @@ class _VideoDataset(LmdbDataset):
         with_bbox: bool = False,
         name: str | None = None,
     ):
+        _needs_segment(with_segment, with_bbox=with_bbox)
         super().__init__(path, is_training, resolution, with_segment, name)
         self.clip_length = clip_length
         self.with_bbox = with_bbox
         self.index: list[int] = list(range(len(self.records)))
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return super().keys + ("bbox",) * self.with_bbox
 
     def __len__(self) -> int:
         return len(self.index)
@@ -418,6 +450,7 @@ class MOVi(_VideoDataset):
 
     name = "movi"
     channels_reversed = True
+    pad_rules = {**PAD_RULES, "bbox": (-2, -1.0)}  # the official MOVi collate `ClPadTo1` pads boxes with -1
 
     def __getitem__(self, index: int) -> dict:
         """Returns:
@@ -453,6 +486,7 @@ class YTVIS(_VideoDataset):
         with_clazz: bool = False,
         name: str | None = None,
     ):
+        _needs_segment(with_segment, with_clazz=with_clazz)
         super().__init__(path, is_training, resolution, clip_length, with_segment, with_bbox, name)
         self.with_clazz = with_clazz
         if is_training and repeat_every:
@@ -461,6 +495,10 @@ class YTVIS(_VideoDataset):
                 length = len(self.records.get(i)["video"])
                 self.index += [i] * (length // repeat_every if length > repeat_every else 1)
             self.records.close()  # opened in this process only to count; workers open their own
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return super().keys + ("clazz",) * self.with_clazz
 
     def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
         out = super().finish(encoded, pixels, segment)
@@ -480,14 +518,66 @@ class YTVIS(_VideoDataset):
         return super().__getitem__(index)
 
 
+def _needs_segment(with_segment: bool, **fields: bool) -> None:
+    """Boxes and classes follow the masks after the crop, so they need the segments decoded."""
+    wanted = [name for name, on in fields.items() if on]
+    if wanted and not with_segment:
+        raise ValueError(f"{', '.join(wanted)} need with_segment=True: boxes and classes follow the masks")
+
+
+# the reader of every dataset name (the synthetic scenes use the ClevrTex and MOVi layouts)
 DATASETS: dict[str, type[LmdbDataset]] = {
     "clevrtex": ClevrTex,
     "coco": COCO,
     "voc": VOC,
-    "movi": MOVi,
     "movi_c": MOVi,
     "movi_d": MOVi,
     "movi_e": MOVi,
     "ytvis": YTVIS,
     "ytvis_hq": YTVIS,
+    "synthetic": ClevrTex,
+    "synthetic_video": MOVi,
 }
+
+
+def open_dataset(
+    name: str,
+    path: str | Path,
+    is_training: bool = False,
+    resolution: int = 256,
+    *,
+    with_segment: bool = True,
+    with_bbox: bool = False,
+    with_clazz: bool = False,
+    clip_length: int | None = None,
+    repeat_every: int | None = None,
+    coco_mode: Literal["panoptic", "instance"] = "instance",
+) -> LmdbDataset:
+    """The reader `DATASETS[name]` of one split file, given the options that reader takes.
+
+    Args:
+        name: a key of `DATASETS`; also the dataset name of error messages.
+        path: the split file, e.g. `data/coco/val.lmdb`.
+        is_training, resolution, with_segment: as `LmdbDataset`.
+        with_bbox: COCO, MOVi, YTVIS: boxes from the masks (others: an error).
+        with_clazz: COCO, YTVIS: category ids (others: an error).
+        clip_length: videos: frames per training clip (None: whole videos); ignored unless training.
+        repeat_every: YTVIS: the official `ts` repetition of long training videos (None: off).
+        coco_mode: COCO: "instance" (every official config) or "panoptic".
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    reader = DATASETS[name]
+    common = dict(is_training=is_training, resolution=resolution, with_segment=with_segment, name=name)
+    if with_bbox and reader not in (COCO, MOVi, YTVIS):
+        raise ValueError(f"{name}: this reader has no boxes (with_bbox)")
+    if with_clazz and reader not in (COCO, YTVIS):
+        raise ValueError(f"{name}: this reader has no classes (with_clazz)")
+    if reader is COCO:
+        return COCO(path, mode=coco_mode, with_bbox=with_bbox, with_clazz=with_clazz, **common)
+    if issubclass(reader, _VideoDataset):
+        video = dict(clip_length=clip_length if is_training else None, with_bbox=with_bbox, **common)
+        if reader is YTVIS:
+            return YTVIS(path, repeat_every=repeat_every, with_clazz=with_clazz, **video)
+        return reader(path, **video)
+    return reader(path, **common)

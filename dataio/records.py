@@ -18,6 +18,7 @@ import collections
 import io
 import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -134,7 +135,13 @@ def open_lmdb(path: Path, dataset: str, split: str) -> lmdb.Environment:
             str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False, max_readers=256
         )
     except lmdb.Error as error:
-        problem = f"{path} is not a readable LMDB file (corrupt or truncated?): {error}"
+        if "already open" in str(error):  # py-lmdb allows one environment per file and process
+            problem = (
+                f"{path} is already open in this process through another lmdb environment (another library "
+                "or your own lmdb.open); close that environment first, or read the file in another process"
+            )
+        else:
+            problem = f"{path} is not a readable LMDB file (corrupt or truncated?): {error}"
         raise RecordError(f"{where(dataset, split)}: {problem}") from error
     # A truncated file still opens (the meta pages are at its start), but touching a page past its end
     # through the memory map kills the process with SIGBUS, so compare the size LMDB expects up front.
@@ -324,6 +331,74 @@ def write_records(path: str | Path, samples: Iterable[dict]) -> Path:
 # ------------------------------------------------------------------------------------------------
 # image codecs (Pillow; the official files were written with cv2 and decode identically)
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+
+
+def check_png(buffer: Any, location: str, inflate: bool = True) -> None:
+    """Refuses a PNG that libpng (the official reader's decoder, through cv2) would refuse.
+
+    Pillow skips most integrity checks, so a flipped bit can decode to a different image without an
+    error. Checked here: the signature; every chunk's CRC (ancillary ones too, where libpng would only
+    drop the chunk); IHDR first and IEND present; with `inflate`, also the zlib stream of the IDAT
+    chunks (complete, Adler-32 intact) and, for non-interlaced images, exactly one filter byte (0..4)
+    plus one row of samples per image row. The CRCs alone catch every corruption of up to 32
+    consecutive bits after the file was written; inflating also catches a file written corrupt.
+
+    Args:
+        buffer: encoded bytes or a 1-D uint8 array.
+        location: dataset/split/key/field for error messages.
+        inflate: check the image data stream too (costs about half a decode).
+    """
+    data = bytes(_as_bytes(buffer))
+
+    def refuse(problem: str) -> RecordError:
+        return RecordError(f"{location}: cannot decode the image (corrupt PNG: {problem})")
+
+    if not data.startswith(PNG_SIGNATURE):
+        raise refuse("bad signature")
+    position, header, compressed = len(PNG_SIGNATURE), None, []
+    while True:
+        if position + 12 > len(data):
+            raise refuse("truncated before IEND")
+        length = int.from_bytes(data[position : position + 4], "big")
+        end = position + 8 + length
+        if length >= 1 << 31 or end + 4 > len(data):
+            raise refuse(f"chunk at byte {position} runs past the end of the file")
+        kind, body = data[position + 4 : position + 8], data[position + 8 : end]
+        if zlib.crc32(kind + body) != int.from_bytes(data[end : end + 4], "big"):
+            raise refuse(f"CRC mismatch in chunk {kind!r} at byte {position}")
+        if header is None and kind != b"IHDR":
+            raise refuse("the first chunk is not IHDR")
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            compressed.append(body)
+        position = end + 4
+        if kind == b"IEND":
+            break
+    if len(header) != 13:
+        raise refuse("IHDR has the wrong size")
+    width, height = int.from_bytes(header[0:4], "big"), int.from_bytes(header[4:8], "big")
+    depth, colour, interlace = header[8], header[9], header[12]
+    if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        raise refuse(f"IHDR has colour type {colour} and bit depth {depth}")
+    if not inflate:
+        return
+    stream = zlib.decompressobj()
+    try:
+        raw = stream.decompress(b"".join(compressed))
+    except zlib.error as error:
+        raise refuse(f"the image data does not inflate ({error})") from None
+    if not stream.eof:
+        raise refuse("the image data stream is incomplete")
+    if interlace == 0:
+        stride = 1 + (width * _PNG_CHANNELS[colour] * depth + 7) // 8
+        if len(raw) != height * stride:
+            raise refuse(f"{len(raw)} bytes of image data, {height} rows of {stride} expected")
+        if height and np.frombuffer(raw, np.uint8)[::stride].max() > 4:
+            raise refuse("a row has an unknown filter type")
+
 
 def _as_bytes(buffer: Any) -> bytes | memoryview:
     if isinstance(buffer, np.ndarray):
@@ -333,7 +408,10 @@ def _as_bytes(buffer: Any) -> bytes | memoryview:
     raise TypeError(f"expected encoded bytes or a 1-D uint8 array, got {type(buffer).__name__}")
 
 
-def _open(buffer: Any, location: str) -> Image.Image:
+def _open(buffer: Any, location: str, strict: bool) -> Image.Image:
+    """Decodes with Pillow; PNGs are checked first (`check_png`, inflating them too when `strict`)."""
+    if bytes(_as_bytes(buffer)[:8]) == PNG_SIGNATURE:
+        check_png(buffer, location, inflate=strict)
     try:
         image = Image.open(io.BytesIO(_as_bytes(buffer)))
         image.load()  # decode now: Pillow opens lazily and a truncated file would only fail later
@@ -343,7 +421,7 @@ def _open(buffer: Any, location: str) -> Image.Image:
 
 
 def decode_rgb(buffer: Any, location: str, channels_reversed: bool = False) -> np.ndarray:
-    """Decodes a PNG/JPEG buffer to RGB.
+    """Decodes a PNG/JPEG buffer to RGB (PNG chunk CRCs checked, see `check_png`).
 
     Args:
         buffer: encoded bytes or a 1-D uint8 array.
@@ -354,18 +432,19 @@ def decode_rgb(buffer: Any, location: str, channels_reversed: bool = False) -> n
     Shapes:
         returns (H, W, 3) uint8; grayscale files are replicated, alpha is dropped.
     """
-    image = _open(buffer, location)
+    image = _open(buffer, location, strict=False)
     array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
     return np.ascontiguousarray(array[..., ::-1]) if channels_reversed else array
 
 
 def decode_index(buffer: Any, location: str) -> np.ndarray:
-    """Decodes an 8-bit single-channel PNG index map.
+    """Decodes an 8-bit single-channel PNG index map, strictly (`check_png` with the image data inflated):
+    a corrupt map is an error, never a wrong labelling.
 
     Shapes:
         returns (H, W) uint8.
     """
-    image = _open(buffer, location)
+    image = _open(buffer, location, strict=True)
     if image.mode not in ("L", "P"):
         raise RecordError(f"{location}: an index map must be an 8-bit single-channel PNG, got mode {image.mode}")
     return np.asarray(image)

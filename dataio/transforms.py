@@ -228,7 +228,7 @@ def strided_clip_start(num_frames: int, length: int, rng: random.Random | None =
 # per key: (axis to pad, counted from the end of the per-sample shape; pad value)
 PAD_RULES: dict[str, tuple[int, float | bool]] = {
     "segment": (-1, False),  # (..., H, W, C): the mask channels
-    "bbox": (-2, -1.0),  # (..., n, 4): objects; -1 marks padding as in the official MOVi ClPadTo1
+    "bbox": (-2, 0.0),  # (..., n, 4): objects; 0 as the official `ClPadToMax1` (MOVi pads -1, `ClPadTo1`)
     "clazz": (-1, 0),  # (..., n): objects
 }
 
@@ -242,7 +242,7 @@ def pad_collate(samples: Sequence[dict], pad_rules: dict[str, tuple[int, float |
 
     Shapes:
         segment: B x (..., H, W, C_i) -> (B, ..., H, W, max C_i) bool, padded with False
-        bbox: B x (..., n_i, 4) -> (B, ..., max n_i, 4), padded with -1
+        bbox: B x (..., n_i, 4) -> (B, ..., max n_i, 4), padded with 0 (by the default rules)
         clazz: B x (..., n_i) -> (B, ..., max n_i), padded with 0
     """
     batch = {}

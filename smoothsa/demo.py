@@ -16,7 +16,7 @@ import torch
 
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official
-from smoothsa.data import build_loader
+from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.dataio import write_synthetic
 from smoothsa.metrics import MetricAverager, ari, mbo, miou
 from smoothsa.presets import apply_overrides, get_preset
@@ -48,7 +48,7 @@ def baseline_segments(kind: str, b: int, h: int, w: int) -> torch.Tensor:
 
 def baselines(preset, data: Path) -> dict:
     """ARI, ARI-fg, mBO, mIoU of the trivial predictions on the validation split."""
-    loader = build_loader(preset, data, "val", False, preset.optim.val_batch_size)
+    loader = build_loader(preset, data, "val", LoaderOptions(batch_size=preset.optim.val_batch_size))
     scores = {kind: MetricAverager() for kind in ("one_slot", "grid_3x3")}
     for batch in loader:
         segment = batch["segment"]  # (B, H, W, C)

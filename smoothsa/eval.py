@@ -19,7 +19,7 @@ import torch
 from smoothsa import visualize
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official
-from smoothsa.data import build_loader
+from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.metrics import MetricAverager, segments_from_attention
 from smoothsa.presets import Preset, apply_overrides, get_preset
 from smoothsa.steps import discovery_metrics, model_inputs, recognition_scores
@@ -34,8 +34,9 @@ def evaluate(model: torch.nn.Module, preset: Preset, data, out: str | Path | Non
     model = model.to(device).eval()
     if hasattr(model, "official_compat"):
         model.official_compat = official_compat
-    loader = build_loader(preset, data, "val", False, batch_size or preset.optim.val_batch_size, workers, backend, seed,
-                          device_id=device.index if device.type == "cuda" else None)
+    loader = build_loader(preset, data, "val", LoaderOptions(
+        batch_size=batch_size or preset.optim.val_batch_size, workers=workers, backend=backend, seed=seed,
+        device_id=device.index if device.type == "cuda" else None))
     torch.manual_seed(seed)  # the initializer's eval-mode noise is the only random draw left
     averager = MetricAverager()
     first = None

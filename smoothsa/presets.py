@@ -62,14 +62,16 @@ class ModelConfig:
 class DataConfig:
     """dataset: "clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq" or "synthetic".
     clip_len: training clip length (video). repeat_long: YTVIS lists a video len//30 times when longer (0 off).
-    with_bbox / with_clazz: load boxes and classes (recognition, MOVi conditioning)."""
+    with_bbox / with_clazz: load boxes and classes (recognition, MOVi conditioning).
+    coco_mode: COCO ground truth, "instance" (stuff merged into one background channel first, then the things:
+    the official default, which no official config changes) or "panoptic" (every segment its own channel)."""
 
     dataset: str = "coco"
     clip_len: int | None = None
     repeat_long: int = 0
     with_bbox: bool = False
     with_clazz: bool = False
-    coco_mode: str = "panoptic"
+    coco_mode: str = "instance"
 
 
 @dataclass
@@ -126,7 +128,7 @@ def _video(name: str, dataset: str, boxes: bool, clip: int) -> Preset:
 
 def _recognition(name: str, discovery: Preset, classes: int, steps: int) -> Preset:
     model = dataclasses.replace(discovery.model, arch="recognition", discovery=discovery.name, num_classes=classes)
-    data = dataclasses.replace(discovery.data, with_bbox=True, with_clazz=True, coco_mode="instance")
+    data = dataclasses.replace(discovery.data, with_bbox=True, with_clazz=True)
     optim = dataclasses.replace(
         discovery.optim, total_steps=steps, lr=1e-3, clip_norm=None, loss_weights={"ce": 1.0, "l1": 1.0}
     )

@@ -21,7 +21,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from smoothsa import schedules
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official
-from smoothsa.data import build_loader
+from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.metrics import MetricAverager
 from smoothsa.presets import Preset, apply_overrides, get_preset, preset_to_dict
 from smoothsa.state import load_training_state, save_checkpoint, save_training_state, set_rng_state
@@ -241,10 +241,11 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(preset_to_dict(preset), indent=2))
 
-    train_loader = build_loader(preset, data, "train", True, optim.batch_size, options.workers, options.backend,
-                                optim.seed, dist_.rank, dist_.world_size, device.index if device.type == "cuda" else None)
-    val_loader = build_loader(preset, data, "val", False, optim.val_batch_size, options.workers, options.backend,
-                              optim.seed, dist_.rank, dist_.world_size, device.index if device.type == "cuda" else None)
+    loading = LoaderOptions(batch_size=optim.batch_size, workers=options.workers, backend=options.backend,
+                            seed=optim.seed, rank=dist_.rank, world_size=dist_.world_size,
+                            device_id=device.index if device.type == "cuda" else None)
+    train_loader = build_loader(preset, data, "train", loading)
+    val_loader = build_loader(preset, data, "val", replace(loading, batch_size=optim.val_batch_size))
     if len(train_loader) == 0:
         raise ValueError(f"the training split of {data} has fewer samples than one batch ({optim.batch_size})")
     train_loader.set_epoch(epoch, skip_batches=batch_in_epoch)

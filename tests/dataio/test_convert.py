@@ -83,7 +83,7 @@ def test_coco(tmp_path):
     paint(slice(22, 28), slice(30, 38), ids["thing_b"])
     save(src / "annotations" / "panoptic_val2017" / "000000000139.png", panoptic)
     save(src / "val2017" / "000000000139.jpg", np.full((30, 40, 3), 60, np.uint8), quality=95)
-    (src / "annotations" / "panoptic_coco_categories.json").write_text(
+    (src / "panoptic_coco_categories.json").write_text(  # the official layout: at the root
         json.dumps([{"id": 1, "isthing": 1}, {"id": 3, "isthing": 1}, {"id": 184, "isthing": 0}])
     )
     segments_info = [
@@ -145,12 +145,66 @@ def test_rle_roundtrip_and_column_major():
         rle_decode({"size": [3, 2], "counts": [2, 1]}, 3, 2)
 
 
-def test_polygons():
-    mask = polygons_to_mask([[2, 2, 8, 2, 8, 6, 2, 6]], 10, 12)
-    assert mask.shape == (10, 12) and mask[2:7, 2:9].all() and mask.sum() == 5 * 7
+def test_coco_categories_under_annotations_is_refused(tmp_path, capsys):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "panoptic_coco_categories.json").write_text("[]")
+    with pytest.raises(SystemExit) as exit_:
+        main(["coco", "--src", str(tmp_path), "--dst", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "panoptic_coco_categories.json at the root" in capsys.readouterr().err
 
 
+def test_clevrtex_orders_part_folders_as_text(tmp_path):
+    """12 part folders, one scene each: the official converter sorts full paths as text (0, 1, 10, 11, 2, ...)."""
+    src = tmp_path / "raw"
+    for folder in range(12):
+        stem = f"CLEVRTEX_full_{folder:06d}"
+        base = src / "clevrtex_full" / str(folder)
+        save(base / f"{stem}.png", np.full((8, 8, 3), folder, np.uint8))  # the image says which folder
+        save(base / f"{stem}_depth_0001.png", np.zeros((8, 8), np.uint8))
+        save(base / f"{stem}_flat.png", np.zeros((8, 8, 3), np.uint8))
+    main(["clevrtex", "--src", str(src), "--dst", str(tmp_path / "out")])
+    records = LmdbRecords(tmp_path / "out" / "train.lmdb")
+    order = [int(np.asarray(Image.open(__import__("io").BytesIO(records.get(i)["image"])))[0, 0, 0]) for i in range(12)]
+    assert order == [0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9]
+
+
+def test_clevrtex_wrong_folder_fails(tmp_path, capsys):
+    (tmp_path / "somewhere").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["clevrtex", "--src", str(tmp_path / "somewhere"), "--dst", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "clevrtex: found no split under" in err and "clevrtex_full" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+POLYGONS = [
+    [[2.3, 1.7, 9.6, 2.2, 8.1, 7.9, 1.2, 6.4]],
+    [[0.5, 0.5, 11.5, 0.5, 6.0, 9.5], [1, 8, 3, 8, 3, 9.9, 1, 9.9]],  # two parts, merged
+    [[1.5, 2.5, 10.2, 4.4, 3.3, 9.1]],
+]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools on numpy 2
+@pytest.mark.parametrize("polygons", POLYGONS)
+def test_polygons_match_pycocotools(polygons):
+    coco_mask = pytest.importorskip("pycocotools.mask")
+    expected = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(polygons, 10, 12)))
+    mask = polygons_to_mask(polygons, 10, 12)
+    assert mask.shape == (10, 12) and mask.dtype == np.uint8 and mask.any()
+    assert np.array_equal(mask, expected)
+
+
+def test_polygons_without_pycocotools_explains(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    with pytest.raises(ValueError, match=r"pip install 'smoothsa\[convert\]'"):
+        polygons_to_mask(POLYGONS[0], 10, 12)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools on numpy 2
 def test_ytvis(tmp_path):
+    coco_mask = pytest.importorskip("pycocotools.mask")
     src = tmp_path / "ytvis"
     h, w, frames = 16, 24, 3
     names = [f"vid0/{t:05d}.jpg" for t in range(frames)]
@@ -171,7 +225,7 @@ def test_ytvis(tmp_path):
                 "category_id": 12,
                 "segmentations": [rle_encode(first), None, {"size": [h, w], "counts": [h * w]}],  # empty
             },
-            {"video_id": 1, "category_id": 40, "segmentations": [rle_encode(second), [[0, 0, 4, 0, 4, 4, 0, 4]], None]},
+            {"video_id": 1, "category_id": 40, "segmentations": [rle_encode(second), [[0.4, 0, 4, 0, 4.6, 4, 0, 4]], None]},
         ],
     }
     (src / "ytvis_hq-train.json").write_text(json.dumps(annotation))
@@ -183,9 +237,39 @@ def test_ytvis(tmp_path):
     segment = np.stack([decode_index(s, "t") for s in record["segment"]])
     expected0 = np.where(second == 1, 2, first)
     assert np.array_equal(segment[0], expected0)
-    assert (segment[1, :5, :5] == 2).all() and (segment[1] > 0).sum() == 25 and segment[2].max() == 0
+    polygon = coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects([[0.4, 0, 4, 0, 4.6, 4, 0, 4]], h, w)))
+    assert polygon.sum() > 10 and np.array_equal(segment[1], polygon * 2) and segment[2].max() == 0
     out = YTVIS(tmp_path / "out" / "train.lmdb", with_clazz=True, with_bbox=True)[0]
     assert out["clazz"].tolist()[0] == [12, 40] and out["bbox"].shape == (3, 2, 4)
+
+
+def test_ytvis_2022_layout_reads_the_test_ground_truth(tmp_path):
+    """YTVIS-2022: train/instances.json, valid/gt.json and test/test_gt.json (RLE masks: no pycocotools needed)."""
+    src = tmp_path / "ytvis2022"
+    h, w = 8, 10
+    for folder, json_name, category in (("train", "instances.json", 3), ("valid", "gt.json", 4), ("test", "test_gt.json", 5)):
+        names = [f"v/{t:05d}.jpg" for t in range(2)]
+        for name in names:
+            save(src / folder / "JPEGImages" / name, np.full((h, w, 3), 9, np.uint8))
+        mask = np.zeros((h, w), np.uint8)
+        mask[1:1 + category, 2:6] = 1
+        annotation = {
+            "videos": [{"id": 1, "file_names": names, "height": h, "width": w}],
+            "annotations": [{"video_id": 1, "category_id": category, "segmentations": [rle_encode(mask)] * 2}],
+        }
+        (src / folder / json_name).write_text(json.dumps(annotation))
+    (src / "test" / "instances.json").write_text(json.dumps({"videos": [], "annotations": []}))  # not the gt
+    main(["ytvis", "--src", str(src), "--dst", str(tmp_path / "out"), "--variant", "2022"])
+    for split, category in (("train", 3), ("val", 4), ("test", 5)):
+        record = LmdbRecords(tmp_path / "out" / f"{split}.lmdb").get(0)
+        assert record["clazz"].tolist() == [[category]] * 2
+        assert (decode_index(record["segment"][0], "t") == 1).sum() == category * 4
+
+
+def test_ytvis_without_annotations_fails(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["ytvis", "--src", str(tmp_path), "--dst", str(tmp_path / "out"), "--variant", "2022"])
+    assert exit_.value.code == 2 and "test_gt.json" in capsys.readouterr().err
 
 
 def test_movi_record_layout_and_reader(tmp_path):

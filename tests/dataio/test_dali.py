@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from smoothsa.dataio.datasets import COCO, MOVi, ClevrTex
-from smoothsa.dataio.loader import make_loader
+from smoothsa.dataio.loader import LoaderOptions, make_loader
 from smoothsa.dataio.records import encode_jpeg, encode_png
 from smoothsa.dataio.synthetic import write_synthetic
 from smoothsa.dataio.transforms import IMAGENET_STD, CropWindow, preprocess
@@ -66,8 +66,8 @@ def jpeg_images(tmp_path_factory):
 @pytest.mark.parametrize("is_training", [True, False])
 def test_images_match_torch(jpeg_images, is_training):
     make = lambda: COCO(jpeg_images, is_training, mode="instance", with_bbox=True, with_clazz=True)  # noqa: E731
-    a = make_loader(make(), 5, is_training, num_workers=0, seed=7)
-    b = make_loader(make(), 5, is_training, num_workers=2, seed=7, backend="dali")
+    a = make_loader(make(), LoaderOptions(batch_size=5, seed=7, drop_last=False))
+    b = make_loader(make(), LoaderOptions(batch_size=5, workers=2, seed=7, backend="dali", drop_last=False))
     assert assert_same_batches(a, b, "image") == 3  # 12 samples: 5 + 5 + 2
     # the next epoch (new augmentations) still agrees
     if is_training:
@@ -102,24 +102,24 @@ def test_video_matches_torch(tmp_path):
     path = write_synthetic(tmp_path, "train", num=5, video=True, height=96, width=128, num_frames=7)
     for is_training in (True, False):
         make = lambda: MOVi(path, is_training, clip_length=3, with_bbox=True)  # noqa: E731
-        a = make_loader(make(), 2, is_training, seed=2)
-        b = make_loader(make(), 2, is_training, seed=2, backend="dali")
+        a = make_loader(make(), LoaderOptions(batch_size=2, seed=2, drop_last=False))
+        b = make_loader(make(), LoaderOptions(batch_size=2, seed=2, backend="dali", drop_last=False))
         assert assert_same_batches(a, b, "video") == 3
 
 
 def test_long_videos_span_several_pipeline_runs(tmp_path):
     """Validation videos longer than 24 frames per sample are processed in several chunks, then re-joined."""
     path = write_synthetic(tmp_path, "val", num=3, video=True, height=32, width=32, num_frames=30)
-    a = make_loader(MOVi(path, with_bbox=True), 1, False)
-    b = make_loader(MOVi(path, with_bbox=True), 1, False, backend="dali")
+    a = make_loader(MOVi(path, with_bbox=True), LoaderOptions())
+    b = make_loader(MOVi(path, with_bbox=True), LoaderOptions(backend="dali"))
     assert b.max_items == 24
     assert assert_same_batches(a, b, "video") == 3
 
 
 def test_without_segments_and_drop_last(tmp_path):
     path = write_synthetic(tmp_path, "val", num=5, height=64, width=64)
-    a = make_loader(ClevrTex(path, with_segment=False), 2, False, drop_last=True)
-    b = make_loader(ClevrTex(path, with_segment=False), 2, False, drop_last=True, backend="dali")
+    a = make_loader(ClevrTex(path, with_segment=False), LoaderOptions(batch_size=2, drop_last=True))
+    b = make_loader(ClevrTex(path, with_segment=False), LoaderOptions(batch_size=2, drop_last=True, backend="dali"))
     assert len(b) == 2
     batches = list(b)
     assert len(batches) == 2 and set(batches[0]) == {"image"}
@@ -134,4 +134,50 @@ def test_broken_image_names_the_records(tmp_path):
     records[1]["image"] = records[1]["image"][: len(records[1]["image"]) // 2]  # header intact, data cut
     path = write_records(tmp_path / "val.lmdb", records)
     with pytest.raises(RecordError, match="coco/val key 000001 field 'image': DALI failed"):
-        list(make_loader(ClevrTex(path, name="coco"), 3, False, backend="dali"))
+        list(make_loader(ClevrTex(path, name="coco"), LoaderOptions(batch_size=3, backend="dali")))
+
+
+def exif_rotated_jpeg(image: np.ndarray, orientation: int = 6) -> bytes:
+    """JPEG bytes whose EXIF orientation tag asks viewers to rotate (6: 90 degrees clockwise)."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def test_exif_orientation_is_not_applied(tmp_path):
+    """Both paths decode the stored pixel grid, as the official reader; DALI used to rotate and crash."""
+    from smoothsa.dataio.records import write_records
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    image[:, :160] //= 4  # a dark left half: a rotation would put it on top
+    segment = np.zeros((240, 320), np.uint8)
+    segment[:, :160] = 1
+    record = dict(image=exif_rotated_jpeg(image), segment=encode_png(segment))
+    path = write_records(tmp_path / "train.lmdb", [record] * 4)
+    for is_training in (True, False):
+        options = dict(batch_size=2, seed=5, drop_last=False)
+        a = make_loader(ClevrTex(path, is_training), LoaderOptions(**options))
+        b = make_loader(ClevrTex(path, is_training), LoaderOptions(**options, backend="dali"))
+        assert assert_same_batches(a, b, "image") == 2
+    sample = ClevrTex(path)[0]  # validation: the centred 240x240 square, columns 40..279
+    assert sample["segment"].shape == (256, 256, 2) and sample["segment"][:, :128, 1].all()
+
+
+def test_corrupt_segment_is_named_on_the_dali_path(tmp_path):
+    from smoothsa.dataio.records import RecordError, write_records
+
+    segment = np.zeros((32, 32), np.uint8)
+    segment[4:20, 6:30] = 1
+    png = bytearray(encode_png(segment).tobytes())
+    png[len(png) // 2] ^= 0x01
+    good = dict(image=encode_jpeg(np.full((32, 32, 3), 70, np.uint8)), segment=encode_png(segment))
+    path = write_records(tmp_path / "val.lmdb", [good, dict(good, segment=bytes(png))])
+    with pytest.raises(RecordError, match=r"clevrtex/val key 000001 field 'segment': cannot decode the image"):
+        list(make_loader(ClevrTex(path), LoaderOptions(batch_size=1, backend="dali")))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smoothsa.dataio.datasets import COCO, MOVi, VOC, YTVIS, ClevrTex, boxes_from_masks, present_ids
-from smoothsa.dataio.loader import make_loader
+from smoothsa.dataio.loader import LoaderOptions, make_loader
 from smoothsa.dataio.records import RecordError, encode_jpeg, encode_png
 from smoothsa.dataio.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -72,11 +72,9 @@ def test_clevrtex_validation(tmp_path):
 def test_clevrtex_training_drops_emptied_channels(tmp_path):
     record, _, segment = clevrtex_sample()
     dataset = ClevrTex(write_official(tmp_path / "train.lmdb", [record]), is_training=True)
-    dataset.augment_seed = 0
     counts = set()
     for seed in range(40):
-        dataset.augment_seed = seed
-        out = dataset[0]
+        out = dataset.load(0, seed)
         counts.add(out["segment"].shape[-1])
         assert out["segment"].any(dim=(0, 1)).all()  # no empty channel survives
         assert out["segment"].sum(-1).eq(1).all()
@@ -117,7 +115,7 @@ def coco_sample():
 
 def test_coco_panoptic(tmp_path):
     record, segment = coco_sample()
-    dataset = COCO(write_official(tmp_path / "val.lmdb", [record]), with_bbox=True, with_clazz=True)
+    dataset = COCO(write_official(tmp_path / "val.lmdb", [record]), mode="panoptic", with_bbox=True, with_clazz=True)
     out = dataset[0]
     assert set(out) == {"image", "segment", "bbox", "clazz"}
     assert out["segment"].shape == (256, 256, 4)
@@ -161,8 +159,7 @@ def test_coco_training_drops_cropped_things(tmp_path):
     dataset = COCO(write_official(tmp_path / "train.lmdb", [record]), True, mode="instance", with_bbox=True, with_clazz=True)
     seen = set()
     for seed in range(30):
-        dataset.augment_seed = seed
-        out = dataset[0]
+        out = dataset.load(0, seed)
         count = out["segment"].shape[-1] - 1
         assert out["bbox"].shape == (count, 4) and out["clazz"].shape == (count,)
         assert out["segment"][..., 1:].any(dim=(0, 1)).all()
@@ -234,11 +231,10 @@ def test_movi_training_clip(tmp_path):
     dataset = MOVi(write_official(tmp_path / "train.lmdb", [record]), is_training=True, clip_length=2, with_bbox=True)
     starts = set()
     for seed in range(20):
-        dataset.augment_seed = seed
-        out = dataset[0]
+        out = dataset.load(0, seed)
         assert out["video"].shape == (2, 3, 256, 256) and out["segment"].shape[:3] == (2, 256, 256)
         assert out["bbox"].shape == (2, out["segment"].shape[-1] - 1, 4)
-        _, rng = dataset.rngs(0)
+        _, rng = dataset.rngs(0, seed)
         starts.add(dataset.encoded(0, rng).fields["clip"].start)
     assert starts == {0, 2, 4}
 
@@ -272,8 +268,7 @@ def test_ytvis_training_repeats_long_videos(tmp_path):
     path = write_official(tmp_path / "train.lmdb", [ytvis_sample(65), ytvis_sample(20), ytvis_sample(31)])
     dataset = YTVIS(path, is_training=True, clip_length=5, repeat_every=30, with_clazz=True)
     assert dataset.index == [0, 0, 1, 2]
-    dataset.augment_seed = 1
-    out = dataset[3]
+    out = dataset.load(3, seed=1)
     assert out["video"].shape == (5, 3, 256, 256) and out["clazz"].shape[0] == 5
     assert len(YTVIS(path, is_training=False, repeat_every=30)) == 3  # validation lists each video once
 
@@ -319,11 +314,10 @@ def test_readers_pickle_and_work_in_workers(tmp_path):
     path = write_official(tmp_path / "train.lmdb", [record] * 6)
     dataset = ClevrTex(path, is_training=True)
     clone = pickle.loads(pickle.dumps(dataset))
-    clone.augment_seed = dataset.augment_seed = 5
-    assert torch.equal(clone[2]["image"], dataset[2]["image"])  # this process now holds an open environment
+    assert torch.equal(clone.load(2, 5)["image"], dataset.load(2, 5)["image"])  # this process now holds an open environment
     # forked workers inherit it and must open their own; same seed -> the same batches as in-process
-    serial = list(make_loader(dataset, 4, True, num_workers=0, seed=11))
-    parallel = list(make_loader(dataset, 4, True, num_workers=2, seed=11))
+    serial = list(make_loader(dataset, LoaderOptions(batch_size=4, seed=11, drop_last=False)))
+    parallel = list(make_loader(dataset, LoaderOptions(batch_size=4, workers=2, seed=11, drop_last=False)))
     assert len(serial) == len(parallel) == 2
     for a, b in zip(serial, parallel):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["segment"], b["segment"])
@@ -332,14 +326,12 @@ def test_readers_pickle_and_work_in_workers(tmp_path):
 def test_loader_epochs_differ_and_repeat_with_seed(tmp_path):
     record, _, _ = clevrtex_sample()
     dataset = ClevrTex(write_official(tmp_path / "train.lmdb", [record] * 4), is_training=True)
-    loader = make_loader(dataset, 4, True, seed=3)
+    loader = make_loader(dataset, LoaderOptions(batch_size=4, seed=3))
     first, second = next(iter(loader))["image"], next(iter(loader))["image"]
     assert not torch.equal(first, second)  # a new epoch draws new augmentations
-    again = make_loader(dataset, 4, True, seed=3)
+    again = make_loader(dataset, LoaderOptions(batch_size=4, seed=3))
     assert torch.equal(next(iter(again))["image"], first)
     assert not torch.equal(first[0], first[1])  # samples of one epoch differ (same record, different crops)
-    with pytest.raises(ValueError, match="is_training"):
-        make_loader(dataset, 4, False)
 
 
 def test_global_rng_without_loader(tmp_path):
@@ -355,7 +347,7 @@ def test_global_rng_without_loader(tmp_path):
 
 
 def test_epoch_order_shards_ranks():
-    from smoothsa.dataio.loader import epoch_order
+    from smoothsa.dataio.epochs import epoch_order
 
     full = epoch_order(10, 3, 1, True)
     assert sorted(full) == list(range(10)) and full != list(range(10))
@@ -369,6 +361,82 @@ def test_epoch_order_shards_ranks():
 def test_loader_rank_length(tmp_path):
     record, _, _ = clevrtex_sample()
     dataset = ClevrTex(write_official(tmp_path / "val.lmdb", [record] * 5))
-    loader = make_loader(dataset, 2, False, rank=1, world_size=2)
+    loader = make_loader(dataset, LoaderOptions(batch_size=2, rank=1, world_size=2))
     batches = list(loader)
     assert len(loader) == len(batches) == 2 and [b["image"].shape[0] for b in batches] == [2, 1]
+
+
+def test_corrupt_segment_names_dataset_split_key_and_field(tmp_path):
+    image = np.full((20, 20, 3), 90, np.uint8)
+    segment = np.ones((20, 20), np.uint8)
+    segment[4:9, 4:12] = 2
+    png = bytearray(encode_png(segment).tobytes())
+    png[len(png) // 2] ^= 0x04  # one bit inside the image data
+    records = [dict(image=encode_jpeg(image), segment=encode_png(segment)), dict(image=encode_jpeg(image), segment=bytes(png))]
+    dataset = VOC(write_official(tmp_path / "val.lmdb", records))
+    assert dataset[0]["segment"].shape == (256, 256, 2)
+    with pytest.raises(RecordError, match=r"voc/val key 000001 field 'segment': cannot decode the image \(corrupt PNG"):
+        dataset[1]
+
+
+def test_loaders_pass_the_epoch_seed_and_leave_the_reader_alone(tmp_path):
+    record, _, _ = clevrtex_sample()
+    dataset = ClevrTex(write_official(tmp_path / "train.lmdb", [record] * 3), is_training=True)
+    before = dict(vars(dataset))
+    loader = make_loader(dataset, LoaderOptions(batch_size=3, seed=4))
+    loader.set_epoch(2)
+    batch = next(iter(loader))
+    assert vars(dataset).keys() == before.keys() and not hasattr(dataset, "augment_seed")
+    from smoothsa.dataio.epochs import augment_seed, epoch_order
+
+    order = epoch_order(3, 4, 2, True)
+    for position, index in enumerate(order):  # sample i of epoch e is drawn from augment_seed(seed, e)
+        assert torch.equal(batch["image"][position], dataset.load(index, augment_seed(4, 2))["image"])
+
+
+def test_loader_keys_select_what_batches_carry(tmp_path):
+    record, _ = coco_sample()
+    path = write_official(tmp_path / "val.lmdb", [record] * 2)
+    dataset = COCO(path, with_bbox=True, with_clazz=True)
+    assert dataset.keys == ("image", "segment", "bbox", "clazz")
+    batch = next(iter(make_loader(dataset, LoaderOptions(batch_size=2, keys=("image", "bbox")))))
+    assert list(batch) == ["image", "bbox"] and batch["bbox"].shape == (2, 2, 4)
+    assert list(next(iter(make_loader(COCO(path, with_segment=False), LoaderOptions(batch_size=2))))) == ["image"]
+    with pytest.raises(ValueError, match=r"coco/val: the loader was asked for 'depth'"):
+        make_loader(dataset, LoaderOptions(keys=("image", "depth")))
+    with pytest.raises(ValueError, match="with_segment"):
+        COCO(path, with_segment=False, with_bbox=True)
+
+
+def test_empty_split_is_an_error(tmp_path):
+    dataset = ClevrTex(write_official(tmp_path / "val.lmdb", []), name="clevrtex")
+    with pytest.raises(ValueError, match=r"clevrtex/val: the split holds no samples"):
+        make_loader(dataset, LoaderOptions())
+
+
+def test_loader_options_are_checked():
+    with pytest.raises(ValueError, match="backend must be one of torch, dali"):
+        LoaderOptions(backend="cuda")
+    with pytest.raises(ValueError, match="rank 2 outside 0..1"):
+        LoaderOptions(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        LoaderOptions(batch_size=0)
+    assert LoaderOptions(keys=["image"]).keys == ("image",)
+
+
+def test_open_dataset_registry(tmp_path):
+    from smoothsa.dataio.datasets import DATASETS, open_dataset
+
+    record, _ = coco_sample()
+    path = write_official(tmp_path / "train.lmdb", [record])
+    coco = open_dataset("coco", path, True, with_bbox=True)
+    assert isinstance(coco, COCO) and coco.mode == "instance" and coco.is_training and coco.keys[-1] == "bbox"
+    assert open_dataset("coco", path, coco_mode="panoptic").mode == "panoptic"
+    movie = write_official(tmp_path / "val.lmdb", [movi_sample()[0]])
+    video = open_dataset("movi_e", movie, clip_length=3, with_bbox=True)
+    assert isinstance(video, MOVi) and video.clip_length is None and video.location == "movi_e/val"  # whole videos
+    assert open_dataset("synthetic", path).name == "synthetic" and DATASETS["synthetic_video"] is MOVi
+    with pytest.raises(ValueError, match="unknown dataset 'cityscapes'"):
+        open_dataset("cityscapes", path)
+    with pytest.raises(ValueError, match="voc: this reader has no boxes"):
+        open_dataset("voc", path, with_bbox=True)

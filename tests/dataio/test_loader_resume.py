@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from smoothsa.dataio import ClevrTex, make_loader, write_synthetic
+from smoothsa.dataio import ClevrTex, LoaderOptions, make_loader, write_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def split(tmp_path_factory):
 def _loader(path, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    return make_loader(ClevrTex(path, is_training=True, resolution=32), 4, True, seed=3, backend=backend, drop_last=True)
+    return make_loader(ClevrTex(path, is_training=True, resolution=32), LoaderOptions(batch_size=4, seed=3, backend=backend))
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

@@ -284,3 +284,71 @@ def test_codecs_roundtrip_and_errors():
         decode_rgb(b"\x89PNG but not really", "x")
     with pytest.raises(RecordError, match="8-bit single-channel"):
         decode_index(encode_png(rgb), "x")
+
+
+def index_map():
+    segment = np.zeros((12, 16), np.uint8)
+    segment[2:7, 3:9] = 1
+    segment[5:11, 8:15] = 2
+    segment[0] = 3
+    return segment
+
+
+def flips(buffer: bytes):
+    for bit in range(len(buffer) * 8):
+        flipped = bytearray(buffer)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        yield bytes(flipped)
+
+
+def test_every_bit_flip_of_a_segment_png_is_refused_or_harmless():
+    """libpng (the official decoder, via cv2) refuses every flip; Pillow alone decodes some to other maps."""
+    segment = index_map()
+    refused = 0
+    for flipped in flips(encode_png(segment).tobytes()):
+        try:
+            decoded = decode_index(flipped, "voc/val key 000007 field 'segment'")
+        except RecordError as error:
+            assert str(error).startswith("voc/val key 000007 field 'segment': cannot decode")
+            refused += 1
+            continue
+        assert decoded.shape == segment.shape and np.array_equal(decoded, segment)
+    assert refused > 0
+
+
+def test_png_written_corrupt_is_refused():
+    """A file whose CRCs match corrupt image data (written that way) fails the zlib check of a segment."""
+    import struct
+    import zlib
+
+    png = encode_png(index_map()).tobytes()
+    start = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[start : start + 4], "big")
+    data = bytearray(png[start + 8 : start + 8 + length])
+    data[len(data) // 2] ^= 0x10
+    chunk = struct.pack(">I", length) + b"IDAT" + bytes(data) + struct.pack(">I", zlib.crc32(b"IDAT" + bytes(data)))
+    forged = png[:start] + chunk + png[start + 12 + length :]
+    with pytest.raises(RecordError, match="corrupt PNG"):
+        decode_index(forged, "x")
+    rows = zlib.compress(b"\x07" + bytes(16))  # one row, filter type 7 (unknown)
+    header = struct.pack(">IIBBBBB", 16, 1, 8, 0, 0, 0, 0)
+
+    def chunk_of(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bad_filter = b"\x89PNG\r\n\x1a\n" + chunk_of(b"IHDR", header) + chunk_of(b"IDAT", rows) + chunk_of(b"IEND", b"")
+    with pytest.raises(RecordError, match="filter type"):
+        decode_index(bad_filter, "x")
+
+
+def test_lmdb_opened_by_another_library_is_named(tmp_path):
+    path = tmp_path / "train.lmdb"
+    official_write(path, [{"a": 1}])
+    other = lmdb.open(str(path), subdir=False, readonly=True, lock=False)  # e.g. a user's own reader
+    try:
+        with pytest.raises(RecordError, match="already open in this process") as error:
+            LmdbRecords(path, dataset="coco")
+        assert "corrupt" not in str(error.value)
+    finally:
+        other.close()
+    assert len(LmdbRecords(path, dataset="coco")) == 1

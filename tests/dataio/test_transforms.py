@@ -1,4 +1,4 @@
-"""Per-sample transforms and the pad-to-max collate (docs/official.md §5.1, §5.2), against hand-computed values."""
+"""Per-sample transforms (docs/official.md §5.1) and the pad-to-max collate (docs/official.md §5.2), against hand-computed values."""
 
 import math
 import random
@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smoothsa.dataio.datasets import MOVi
 from smoothsa.dataio.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -203,7 +204,7 @@ def test_pad_collate_by_hand():
     assert batch["segment"].shape == (2, 4, 4, 4) and batch["segment"].dtype == torch.bool
     assert batch["segment"][0, ..., :2].all() and not batch["segment"][0, ..., 2:].any() and batch["segment"][1].all()
     assert batch["bbox"].shape == (2, 3, 4)
-    assert batch["bbox"][0].tolist() == [pytest.approx([0.1, 0.2, 0.3, 0.4]), [-1.0] * 4, [-1.0] * 4]
+    assert batch["bbox"][0].tolist() == [pytest.approx([0.1, 0.2, 0.3, 0.4]), [0.0] * 4, [0.0] * 4]  # ClPadToMax1
     assert batch["clazz"].tolist() == [[7, 0, 0], [1, 2, 3]] and batch["clazz"].dtype == torch.uint8
 
 
@@ -216,8 +217,11 @@ def test_pad_collate_video_objects_and_clip_mismatch():
         }
 
     a, b = clip(2, 1, 2), clip(2, 2, 3)
-    batch = pad_collate([a, b])
+    a["bbox"] += 0.5
+    batch = pad_collate([a, b], MOVi.pad_rules)  # the official MOVi ClPadTo1 pads boxes with -1
     assert batch["bbox"].shape == (2, 2, 2, 4) and (batch["bbox"][0, :, 1] == -1).all()
+    assert (batch["bbox"][0, :, 0] == 0.5).all()
+    assert (pad_collate([a, b])["bbox"][0, :, 1] == 0).all()
     assert batch["segment"].shape == (2, 2, 4, 4, 3)
     with pytest.raises(ValueError, match="batch_size=1"):
         pad_collate([a, clip(3, 1, 2)])
