@@ -151,7 +151,7 @@ def init_distill_from_spot(model: SPOTDistill, state_dict_or_path) -> SPOTDistil
         model: built by `build_model("spot_r_distill-coco")`.
         state_dict_or_path: a path (loaded with `weights_only=True`) or a state_dict, keys with or without `m.`.
     """
-    name = os.fspath(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) else "the checkpoint"
+    name = os.fspath(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) else "the given state_dict"
     source = read_checkpoint(state_dict_or_path)
     if not any(k.startswith(PREFIX) for k in source):
         source = {PREFIX + k: v for k, v in source.items()}
