@@ -60,10 +60,6 @@ class SPOTDistill(nn.Module):
                 for i in TRAINED_BLOCKS:
                     module.blocks[i].requires_grad_(True)
 
-    @property
-    def has_backbone(self) -> bool:
-        return self.student.has_backbone
-
     def train(self, mode: bool = True) -> "SPOTDistill":
         super().train(mode)
         self.teacher.eval()
