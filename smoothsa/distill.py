@@ -147,7 +147,8 @@ def init_distill_from_spot(model: SPOTDistill, state_dict_or_path) -> SPOTDistil
         model: built by `build_model("spot_r_distill-coco")`.
         state_dict_or_path: a path (loaded with `weights_only=True`) or a state_dict, keys with or without `m.`.
     """
-    name = os.fspath(state_dict_or_path) if isinstance(state_dict_or_path, (str, os.PathLike)) else "the given state_dict"
+    is_path = isinstance(state_dict_or_path, (str, os.PathLike))
+    name = os.fspath(state_dict_or_path) if is_path else "the given state_dict"
     source = read_checkpoint(state_dict_or_path)
     if not any(k.startswith(PREFIX) for k in source):
         source = {PREFIX + k: v for k, v in source.items()}
@@ -188,7 +189,9 @@ class SPOTDistillTask:
     def __init__(self, preset: Preset):
         missing = {"recon", "match"} - set(preset.optim.loss_weights)
         if missing:
-            raise ValueError(f"{preset.name}: optim.loss_weights lacks {sorted(missing)} (official recon 1, match 0.005)")
+            raise ValueError(
+                f"{preset.name}: optim.loss_weights lacks {sorted(missing)} (official: recon 1, match 0.005)"
+            )
         self.weights = dict(preset.optim.loss_weights)
 
     def forward(self, model: SPOTDistill, batch: dict) -> DistillOutput:

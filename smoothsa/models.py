@@ -200,7 +200,9 @@ class SPOT(_SlotModel):
         finetune: bool = False,
     ):
         # The copy is taken from the backbone as passed in, before anything is trained or loaded.
-        backbone2 = copy.deepcopy(encode_backbone if encode_backbone is not None else nn.Identity()) if finetune else None
+        backbone2 = None
+        if finetune:
+            backbone2 = copy.deepcopy(encode_backbone if encode_backbone is not None else nn.Identity())
         super().__init__(
             encode_backbone, encode_project, initializ, aggregat, decode, resolution=resolution,
             feature_dim=feature_dim, image_size=image_size, encode_backbone2=backbone2,

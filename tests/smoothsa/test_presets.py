@@ -137,7 +137,8 @@ def test_state_dict_matches_official_keys_and_shapes(name, backbone):
         assert list(ours)[: 173] == list(expected)[: 173]
 
 
-@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"spot_r_distill-coco"}))  # it trains blocks 8–11: test_distill.py
+# spot_r_distill-coco trains DINOv2 blocks 8–11 of its student: test_distill.py checks its freezing.
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"spot_r_distill-coco"}))
 def test_backbone_is_frozen_and_detach_flag_starts_on(name):
     model = smoothsa.build_model(name, backbone=True)
     discovery = getattr(model, "discov", model)
