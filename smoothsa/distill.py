@@ -115,6 +115,8 @@ def attention_match_loss(attn_student: torch.Tensor, attn_teacher: torch.Tensor)
         for i, matrix in enumerate(iou.cpu().numpy()):  # host sync: scipy's Hungarian solver runs on the CPU
             rows, cols = linear_sum_assignment(matrix, maximize=True)
             partner[i, torch.from_numpy(cols)] = torch.from_numpy(rows)
+        # With S = S' (every config) this is the official target; with S > S' the official code would take the
+        # position in the list of matched pairs for the student slot, which we do not copy.
         target = partner.to(logits.device).gather(1, teacher_owner)  # (B, N)
     return F.cross_entropy(logits, target)
 
