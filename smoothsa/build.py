@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from smoothsa.backbone import PatchFeatures, dinov2_backbone
 from smoothsa.decoders import AR9TransformerDecoder, ARRandTransformerDecoder
-from smoothsa.initializers import NormalMlpPreheated, NormalShared, NormalSharedPreheated
+from smoothsa.initializers import NormalMlpPreheated, NormalSeparat, NormalShared, NormalSharedPreheated
 from smoothsa.mlp import mlp
 from smoothsa.models import SPOT, SmoothSA, SmoothSAVideo
 from smoothsa.presets import ModelConfig, get_preset
@@ -32,7 +32,27 @@ def build_model(name: str | ModelConfig, backbone: bool = True, **overrides) -> 
 
         discovery = dataclasses.replace(config, arch=_discovery_arch(config), discovery=None, num_classes=None)
         return ObjDiscovRecogn(_build_discovery(discovery, backbone), config.num_classes, slot_dim=config.slot_dim)
+    if config.arch == "spot_distill":
+        return _build_distill(config, backbone)
     return _build_discovery(config, backbone)
+
+
+def _build_distill(config: ModelConfig, backbone: bool) -> nn.Module:
+    """SPOT's second stage (docs/official.md §2.9b). `config` describes the student; the teacher is the same
+    model with the initializer and truncation of the `discovery` preset, as the official config derives the
+    student from the teacher by changing just these (and `finetune`)."""
+    from smoothsa.distill import SPOTDistill
+
+    if config.discovery is None:
+        raise ValueError("build_model: a distillation model needs `discovery`, the preset of its SPOT teacher")
+    teacher_model = get_preset(config.discovery).model
+    if teacher_model.arch != "spot":
+        raise ValueError(f"build_model: the teacher {config.discovery!r} is not a SPOT (arch {teacher_model.arch!r})")
+    teacher = dataclasses.replace(
+        config, arch="spot", discovery=None, initializer=teacher_model.initializer, trunc_bp=teacher_model.trunc_bp
+    )
+    student = dataclasses.replace(config, arch="spot", discovery=None)
+    return SPOTDistill(_build_discovery(teacher, backbone), _build_discovery(student, backbone, finetune=True))
 
 
 def _discovery_arch(config: ModelConfig) -> str:
@@ -41,10 +61,12 @@ def _discovery_arch(config: ModelConfig) -> str:
     return get_preset(config.discovery).model.arch
 
 
-def _build_discovery(config: ModelConfig, backbone: bool) -> nn.Module:
+def _build_discovery(config: ModelConfig, backbone: bool, finetune: bool = False) -> nn.Module:
     archs = {"smoothsa": SmoothSA, "smoothsa_video": SmoothSAVideo, "spot": SPOT}
     if config.arch not in archs:
-        raise ValueError(f"build_model: unknown arch {config.arch!r}; known: {sorted(archs)} and 'recognition'")
+        raise ValueError(
+            f"build_model: unknown arch {config.arch!r}; known: {sorted(archs)}, 'recognition' and 'spot_distill'"
+        )
     dv, ds = config.feature_dim, config.slot_dim
     parts = dict(
         encode_backbone=_backbone(config) if backbone else None,
@@ -58,6 +80,8 @@ def _build_discovery(config: ModelConfig, backbone: bool) -> nn.Module:
             raise ValueError("build_model: a video model needs transit_dt")
         parts["transit"] = RSFQTransit(config.transit_dt, dv, ds)
     grid = (config.grid, config.grid)
+    if finetune:
+        parts["finetune"] = True
     return archs[config.arch](**parts, resolution=grid, feature_dim=dv, image_size=config.image_size)
 
 
@@ -86,8 +110,11 @@ def _initializer(config: ModelConfig) -> nn.Module:
         return NormalSharedPreheated(config.num_slots, ds, dv)
     if config.initializer == "shared":
         return NormalShared(config.num_slots, ds)
+    if config.initializer == "separat":
+        return NormalSeparat(config.num_slots, ds)
     raise ValueError(
-        f"build_model: unknown initializer {config.initializer!r}; known: shared_preheated, mlp_preheated, shared"
+        f"build_model: unknown initializer {config.initializer!r}; known: shared_preheated, mlp_preheated, shared, "
+        "separat"
     )
 
 

@@ -1,10 +1,12 @@
 """SmoothSA (image), SmoothSAVideo and the SPOT baseline (docs/official.md §2.9, §2.10).
 
-Attribute names (`encode_backbone`, `encode_project`, `initializ`, `aggregat`, `decode`, `transit`) are the
-official ones, so `model.state_dict()` has exactly the official checkpoint keys without their `m.` prefix.
+Attribute names (`encode_backbone`, `encode_backbone2`, `encode_project`, `initializ`, `aggregat`, `decode`,
+`transit`) are the official ones, so `model.state_dict()` has exactly the official checkpoint keys without
+their `m.` prefix.
 
 Shapes: B batch, T frames, N = h·w tokens (16·16), S slots, Dv feature channels (384), Ds slot channels (256).
 """
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +17,8 @@ import torch.nn as nn
 class SlotOutput:
     """What every discovery model returns. Leading axes are (B,) for images and (B, T) for videos.
 
-    feature: (B, [T,] Dv, h, w) backbone features, the reconstruction target (no gradient).
+    feature: (B, [T,] Dv, h, w) backbone features, the reconstruction target (no gradient); for a SPOT that
+        fine-tunes its backbone, the features of its frozen copy.
     qinit: (B, S, Ds) the initializer's prediction of the (first-frame) slots; for SPOT, the sampled query.
     slots: (B, [T,] S, Ds) slots after slot attention.
     attn_enc: (B, [T,] S, h, w) slot attention of the last iteration (softmax over slots).
@@ -52,6 +55,8 @@ class _SlotModel(nn.Module):
         aggregat: `SlotAttention`.
         decode: the decoder.
         transit: video models only, `RSFQTransit`.
+        encode_backbone2: SPOT fine-tuning its backbone only: a frozen copy of the backbone whose features are
+            the reconstruction target and the decoder's input.
         resolution: the feature grid (h, w).
         feature_dim: Dv.
         image_size: the side of the images the backbone expects.
@@ -63,7 +68,7 @@ class _SlotModel(nn.Module):
     def __init__(
         self, encode_backbone: nn.Module | None, encode_project: nn.Module, initializ: nn.Module, aggregat: nn.Module,
         decode: nn.Module, transit: nn.Module | None = None, resolution: tuple[int, int] = (16, 16),
-        feature_dim: int = 384, image_size: int = 256,
+        feature_dim: int = 384, image_size: int = 256, encode_backbone2: nn.Module | None = None,
     ):
         super().__init__()
         self.has_backbone = encode_backbone is not None
@@ -72,6 +77,8 @@ class _SlotModel(nn.Module):
         self.image_size = image_size
         # Registration order = the official state_dict order.
         self.encode_backbone = encode_backbone if self.has_backbone else nn.Identity()
+        if encode_backbone2 is not None:
+            self.encode_backbone2 = encode_backbone2.requires_grad_(False)
         self.encode_posit_embed = nn.Identity()
         self.encode_project = encode_project
         self.initializ = initializ
@@ -176,22 +183,52 @@ class SPOT(_SlotModel):
     """The SPOT baseline: a learnt Gaussian initializer, untruncated slot attention, SPOT's 9-order
     autoregressive decoder.
 
-    Args: as `SmoothSA`, with `initializ` a `NormalShared` and `decode` an `AR9TransformerDecoder`.
+    Args: as `SmoothSA`, with `initializ` a `NormalShared` and `decode` an `AR9TransformerDecoder`, plus
+        finetune: the distillation student's setting (docs/official.md §2.9b). The backbone's output keeps its
+            graph, so whichever backbone parameters are left trainable learn through slot attention; a frozen
+            copy of the backbone as passed in, `encode_backbone2`, computes the reconstruction target and the
+            decoder's input tokens. Off, the backbone's output is detached and is both.
 
     Shapes: input (B, 3, 256, 256) or (B, 384, 16, 16) → `SlotOutput` whose `qinit` is the sampled query.
     """
 
     zeroed_biases = ("encode_posit_embed", "encode_project", "aggregat", "decode")
 
+    def __init__(
+        self, encode_backbone: nn.Module | None, encode_project: nn.Module, initializ: nn.Module, aggregat: nn.Module,
+        decode: nn.Module, resolution: tuple[int, int] = (16, 16), feature_dim: int = 384, image_size: int = 256,
+        finetune: bool = False,
+    ):
+        # The copy is taken from the backbone as passed in, before anything is trained or loaded.
+        backbone2 = None
+        if finetune:
+            backbone2 = copy.deepcopy(encode_backbone if encode_backbone is not None else nn.Identity())
+        super().__init__(
+            encode_backbone, encode_project, initializ, aggregat, decode, resolution=resolution,
+            feature_dim=feature_dim, image_size=image_size, encode_backbone2=backbone2,
+        )
+        self.finetune = finetune
+
+    def _features_and_target(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) → the features slot attention reads and the target features, (B, Dv, h, w) each."""
+        if not self.finetune:
+            feature = self._features(input)
+            return feature, feature
+        feature = self.encode_backbone(input)  # keeps its graph: the trainable backbone blocks learn
+        with torch.inference_mode():
+            target = self.encode_backbone2(input)
+        return feature, target.clone()  # clone: an ordinary tensor outside inference mode
+
     def forward(self, input: torch.Tensor, condit: torch.Tensor | None = None, init_noise: torch.Tensor | None = None):
         self._check_input(input, video=False)
         if condit is not None:
             raise ValueError("SPOT takes no condit")
-        feature = self._features(input)
-        tokens, encode = self._encode(feature)
+        feature, target = self._features_and_target(input)
+        _, encode = self._encode(feature)
         query = self.initializ(input.shape[0], init_noise)  # (B, S, Ds)
         slots, attn_enc = self.aggregat(encode, query)
+        tokens = target.flatten(-2).transpose(-1, -2)  # (B, N, Dv)
         recon, attn_dec = self.decode(tokens, slots)
         return SlotOutput(
-            feature, query, slots, self._grid(attn_enc), self._grid_channels(recon), self._grid(attn_dec)
+            target, query, slots, self._grid(attn_enc), self._grid_channels(recon), self._grid(attn_dec)
         )

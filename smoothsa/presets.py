@@ -16,15 +16,17 @@ from dataclasses import dataclass, field
 class ModelConfig:
     """What `build_model` builds.
 
-    arch: "smoothsa" (image), "smoothsa_video", "spot" or "recognition".
+    arch: "smoothsa" (image), "smoothsa_video", "spot", "recognition" or "spot_distill" (SPOT's second stage; the
+        other fields describe its student).
     num_slots: S; None for box-conditioned video models (S = padded number of objects in the batch).
-    initializer: "shared_preheated", "mlp_preheated" (first-frame boxes) or "shared" (SPOT).
+    initializer: "shared_preheated", "mlp_preheated" (first-frame boxes), "shared" (SPOT) or "separat" (SPOT's
+        distillation student).
     trunc_bp: "bi-level" or None (full back-propagation through the iterations).
     num_iter: slot-attention iterations (on frame 0 for video; later frames use 1).
     transit_dt: `RSFQTransit` window (video only).
     decoder: "arrand" (SmoothSA) or "ar9" (SPOT).
     fused: fused slot-attention kernels; None reads SMOOTHSA_FUSED (on by default).
-    discovery: recognition only, the preset of the frozen discovery model.
+    discovery: recognition: the preset of the frozen discovery model; spot_distill: the preset of the teacher.
     num_classes: recognition only, class logits (category ids 1..ncls−1).
     backbone: "dinov2" (the paper's frozen ViT-S/14 reg4) or "patch" (a fixed random patch projection that needs
         no download; see `smoothsa.backbone.PatchFeatures`).
@@ -135,6 +137,18 @@ def _recognition(name: str, discovery: Preset, classes: int, steps: int) -> Pres
     return Preset(name, model, data, optim)
 
 
+def _spot_distill(name: str, teacher: Preset) -> Preset:
+    """SPOT's second stage (docs/official.md §2.9b): a student SPOT with per-slot means, bi-level truncation and
+    DINOv2 blocks 8–11 trained, taught by a trained `teacher`; the teacher's data and training procedure, plus the
+    attention-matching loss."""
+    model = dataclasses.replace(
+        teacher.model, arch="spot_distill", initializer="separat", trunc_bp="bi-level", discovery=teacher.name
+    )
+    data = dataclasses.replace(teacher.data, coco_mode="instance")
+    optim = dataclasses.replace(teacher.optim, loss_weights={"recon": 1.0, "match": 0.005})
+    return Preset(name, model, data, optim)
+
+
 def _demo() -> Preset:
     """The embedded demo: SmoothSA at a size a 2-core CPU trains in minutes, on synthetic scenes of coloured
     shapes (`smoothsa.dataio.synthetic`), with `PatchFeatures` standing in for DINOv2 (no download).
@@ -179,6 +193,7 @@ def _registry() -> dict[str, Preset]:
         _recognition("smoothsav_r_recogn-ytvis_hq", by_name["smoothsav_r-ytvis_hq"], 41, 5_000),
         _recognition("spot_r_recogn-coco", by_name["spot_r-coco"], 91, 10_000),
     ]
+    presets.append(_spot_distill("spot_r_distill-coco", by_name["spot_r-coco"]))
     return {p.name: p for p in presets}
 
 

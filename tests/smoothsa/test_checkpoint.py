@@ -86,8 +86,14 @@ def test_recognition_checkpoint_round_trip():
 
 
 def test_keys_without_prefix_load_too():
-    state = smoothsa.build_model("smoothsa_r-coco", backbone=False).state_dict()
-    smoothsa.load_official(smoothsa.build_model("smoothsa_r-coco", backbone=False), state)
+    source = _randomise(smoothsa.build_model("smoothsa_r-coco", backbone=False))
+    state = source.state_dict()
+    assert not any(k.startswith("m.") for k in state)
+    model = smoothsa.load_official(smoothsa.build_model("smoothsa_r-coco", backbone=False), state)
+    assert model.load_report == []
+    loaded = model.state_dict()
+    assert list(loaded) == list(state)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
 def test_loading_refuses_pickled_code(tmp_path):

@@ -102,7 +102,8 @@ COUNTS = {"smoothsa_r-coco": (81, 254), "smoothsav_c-movi_c": (98, 271), "smooth
 
 
 def test_every_official_preset_has_an_expected_key_list():
-    assert set(EXPECTED) == set(PRESETS) - {"demo"}
+    # The distillation model's 655 keys (teacher and student) are derived and checked in test_distill.py.
+    assert set(EXPECTED) == set(PRESETS) - {"demo", "spot_r_distill-coco"}
 
 
 def test_demo_keeps_the_official_key_names_at_its_own_sizes():
@@ -136,7 +137,8 @@ def test_state_dict_matches_official_keys_and_shapes(name, backbone):
         assert list(ours)[: 173] == list(expected)[: 173]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+# spot_r_distill-coco trains DINOv2 blocks 8–11 of its student: test_distill.py checks its freezing.
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"spot_r_distill-coco"}))
 def test_backbone_is_frozen_and_detach_flag_starts_on(name):
     model = smoothsa.build_model(name, backbone=True)
     discovery = getattr(model, "discov", model)
