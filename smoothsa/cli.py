@@ -26,6 +26,9 @@ USER_ERROR_STATUS = 2
 # Errors of the file system that are the user's to fix (the message names the file); any other OSError is a bug.
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
                 errno.EISDIR}
+_FIXES = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space or choose another --out",
+          errno.EROFS: "choose a writable --out", errno.EACCES: "check its permissions or choose another path",
+          errno.EPERM: "check its permissions or choose another path"}
 
 
 class UserError(ValueError):
@@ -49,12 +52,9 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(error, UserError):
         return str(error)
     if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
-        if error.filename is None:
-            return str(error)
-        fix = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space or choose another --out",
-               errno.EROFS: "choose a writable --out", errno.EACCES: "check its permissions or choose another path",
-               errno.EPERM: "check its permissions or choose another path"}.get(error.errno, "check the path")
-        return f"{error.filename}: {error.strerror}; {fix}"
+        fix = _FIXES.get(error.errno, "check the path")
+        where = f"{error.filename}: " if error.filename is not None else ""
+        return f"{where}{error.strerror or os.strerror(error.errno)}; {fix}"
     if isinstance(error, FileNotFoundError):  # our loaders raise it with the fix in the message
         return str(error)
     return None

@@ -111,6 +111,8 @@ def prepare(out: str | Path, preset: Preset, options, *, overrides: list[str] = 
     options = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other: continue the run, or start it again")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder for the run")
     present = holds_run(out)
     if resume:
         return _resume(out, preset, options, list(overrides), writer, say)
@@ -217,20 +219,24 @@ def _move_aside(out: Path, say) -> Path:
 
 
 def _truncate_log(path: Path, step: int, say) -> None:
-    """Drops the rows of log.csv after `step`: they were written after the state the run resumes from."""
+    """Drops the rows of log.csv after `step` (written after the state the run resumes from) and a last row cut
+    short by a kill, so that the resumed run appends to a clean file."""
     if not path.is_file():
         return
-    rows = list(csv.reader(io.StringIO(path.read_text(), newline="")))
+    with open(path, newline="") as file:
+        text = file.read()
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows:
         return
     header, body = rows[0], rows[1:]
-    kept = [row for row in body if row and int(row[0]) <= step]
-    if len(kept) == len(body):
+    kept = [row for row in body if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= step]
+    if len(kept) == len(body) and text.endswith("\n"):
         return
-    text = io.StringIO(newline="")
-    csv.writer(text).writerows([header] + kept)
-    atomic_write_text(path, text.getvalue())
-    say(f"dropped {len(body) - len(kept)} rows of {path} logged after step {step}, the step it resumes from")
+    clean = io.StringIO(newline="")
+    csv.writer(clean).writerows([header] + kept)  # the line ends the training logger's csv.writer appends with
+    atomic_write_text(path, clean.getvalue())
+    if len(kept) < len(body):
+        say(f"dropped {len(body) - len(kept)} rows of {path} logged after step {step}, the step it resumes from")
 
 
 class CheckpointKeeper:
@@ -309,6 +315,13 @@ class StopSignals:
         # os.write, not print: a handler may interrupt a print of the main thread.
         os.write(2, f"\n{signal.Signals(signum).name}: saving the state at the end of this step, then stopping"
                     f"{' (Ctrl-C again: stop at once)' if signum == signal.SIGINT else ''}\n".encode())
+
+    @staticmethod
+    def ignore_in_worker(*_) -> None:
+        """For a data loader's `worker_init_fn`: workers ignore SIGINT and SIGTERM (a Ctrl-C reaches the whole
+        process group), so the step in flight can finish and the main process shuts them down."""
+        for s in StopSignals.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
     @property
     def requested(self) -> bool:

@@ -1,6 +1,7 @@
 """The run folder: refusals that change no file, --overwrite, --resume against the saved config, finished runs,
 leftover .tmp files, log.csv after a resume, time-based saves, signals, keep-last-N and atomic writes on a full
 or read-only disk."""
+import csv
 import errno
 import hashlib
 import json
@@ -36,8 +37,9 @@ def started_run(out, step=8, total=12, *extra):
     run = runs.prepare(out, preset(f"optim.total_steps={total}", *extra), OPTIONS, say=lambda _: None)
     torch.save({"step": step, "model": {"m.x": torch.arange(3.0)}}, out / "state.pt")
     torch.save({"m.x": torch.arange(3.0)}, out / "ckpt-0000006.pth")
-    rows = ["step,split,name,value"] + [f"{s},train,loss,{1 / s:.4f}" for s in (4, 8, 12)] + ["12,val,ari,0.5"]
-    (out / "log.csv").write_text("\n".join(rows) + "\n")
+    with open(out / "log.csv", "w", newline="") as file:  # as the training logger writes it
+        csv.writer(file).writerows([["step", "split", "name", "value"]] + [[s, "train", "loss", f"{1 / s:.4f}"]
+                                                                          for s in (4, 8, 12)] + [[12, "val", "ari", 0.5]])
     return run
 
 
@@ -147,16 +149,31 @@ def test_what_cannot_be_resumed_is_refused_and_left_as_it_was(tmp_path, case):
     assert hashes(tmp_path) == before
 
 
+def log_rows(out) -> list[list[str]]:
+    with open(out / "log.csv", newline="") as file:
+        return list(csv.reader(file))
+
+
 def test_resume_drops_the_log_rows_written_after_the_saved_state(tmp_path):
     started_run(tmp_path, step=8)
     notes = []
     runs.prepare(tmp_path, preset(), OPTIONS, resume=True, say=notes.append)
-    assert (tmp_path / "log.csv").read_text().splitlines() == ["step,split,name,value", "4,train,loss,0.2500",
-                                                               "8,train,loss,0.1250"]
+    assert log_rows(tmp_path) == [["step", "split", "name", "value"], ["4", "train", "loss", "0.2500"],
+                                  ["8", "train", "loss", "0.1250"]]
+    assert (tmp_path / "log.csv").read_bytes().endswith(b"0.1250\r\n")  # as the logger's own rows end
     assert any("dropped 2 rows" in n and "after step 8" in n for n in notes), notes
     again = hashes(tmp_path)
     runs.prepare(tmp_path, preset(), OPTIONS, resume=True, say=notes.append)  # nothing left to drop
     assert hashes(tmp_path) == again
+
+
+def test_resume_drops_a_log_row_cut_short_by_a_kill(tmp_path):
+    started_run(tmp_path, step=12)
+    with open(tmp_path / "log.csv", "ab") as file:
+        file.write(b"1")  # the first byte of a row at step 16 (or 1x): neither a whole row nor a line
+    runs.prepare(tmp_path, preset(), OPTIONS, resume=True, say=lambda _: None)
+    assert log_rows(tmp_path)[-1] == ["12", "val", "ari", "0.5"] and len(log_rows(tmp_path)) == 5
+    assert (tmp_path / "log.csv").read_bytes().endswith(b"\r\n")
 
 
 def test_leftover_tmp_files_are_removed_at_start_and_said(tmp_path):
@@ -168,6 +185,13 @@ def test_leftover_tmp_files_are_removed_at_start_and_said(tmp_path):
     runs.prepare(tmp_path, preset(), OPTIONS, resume=True, say=notes.append)
     assert not list(tmp_path.glob("*.tmp")) and hashes(tmp_path)["state.pt"] == state
     assert sum("left by an interrupted write" in n for n in notes) == 2, notes
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(cli.UserError, match=f"--out {tmp_path / 'run'} is a file; choose a folder"):
+        runs.prepare(tmp_path / "run", preset(), OPTIONS)
+    assert (tmp_path / "run").read_text() == "notes"
 
 
 def test_only_the_writer_changes_files(tmp_path):
@@ -239,6 +263,16 @@ def test_a_second_ctrl_c_stops_at_once():
     with pytest.raises(cli.Stopped) as info:
         signals.handle(signal.SIGINT)
     assert info.value.status == 130 and "second Ctrl-C" in info.value.message and "--resume" in info.value.message
+
+
+def test_loader_workers_can_ignore_the_stop_signals():
+    previous = {s: signal.getsignal(s) for s in runs.StopSignals.SIGNALS}
+    try:
+        runs.StopSignals.ignore_in_worker(0)  # called as a worker_init_fn(worker_id)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in runs.StopSignals.SIGNALS)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def test_sigterm_to_a_real_process_saves_and_exits_143(tmp_path):
