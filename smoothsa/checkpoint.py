@@ -1,4 +1,4 @@
-"""Official checkpoint layout: `ModelWrap(m).state_dict()`, every key prefixed with `m.` (SPEC §2.13).
+"""Official checkpoint layout: `ModelWrap(m).state_dict()`, every key prefixed with `m.` (docs/official.md §2.13).
 
 Our module names are the official ones, so converting is adding or removing that prefix. Loading checks the
 key set and every shape before touching the model, and names what does not match.
@@ -43,7 +43,8 @@ def read_checkpoint(state_dict_or_path) -> dict[str, torch.Tensor]:
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         path = os.fspath(state_dict_or_path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}; pass the path of a .pth file (e.g. runs/<name>/last.pth)")
+            raise FileNotFoundError(f"checkpoint not found: {path}; pass the path of a .pth file "
+                                    "(e.g. runs/<name>/last.pth)")
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated, not a torch file, or pickled objects weights_only refuses

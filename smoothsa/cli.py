@@ -24,11 +24,20 @@ import torch
 
 USER_ERROR_STATUS = 2
 # Errors of the file system that are the user's to fix (the message names the file); any other OSError is a bug.
-_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
-                errno.EISDIR}
-_FIXES = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space or choose another --out",
-          errno.EROFS: "choose a writable --out", errno.EACCES: "check its permissions or choose another path",
-          errno.EPERM: "check its permissions or choose another path"}
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_USER_ERRNOS = set(WRITE_ERRNOS) | {errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
+_FIXES = {
+    errno.ENOSPC: "free some space or choose another --out",
+    errno.EDQUOT: "free some space or choose another --out",
+    errno.EROFS: "choose a writable --out",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+}
+
+
+def fix_for(code: int) -> str:
+    """What the user can do about a file-system error number."""
+    return _FIXES.get(code, "check the path")
 
 
 class UserError(ValueError):
@@ -52,9 +61,8 @@ def user_message(error: BaseException) -> str | None:
     if isinstance(error, UserError):
         return str(error)
     if isinstance(error, OSError) and error.errno in _USER_ERRNOS:
-        fix = _FIXES.get(error.errno, "check the path")
         where = f"{error.filename}: " if error.filename is not None else ""
-        return f"{where}{error.strerror or os.strerror(error.errno)}; {fix}"
+        return f"{where}{error.strerror or os.strerror(error.errno)}; {fix_for(error.errno)}"
     if isinstance(error, FileNotFoundError):  # our loaders raise it with the fix in the message
         return str(error)
     return None

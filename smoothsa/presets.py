@@ -1,4 +1,4 @@
-"""Typed configurations and the registry of named presets, one per official config (SPEC §8).
+"""Typed configurations and the registry of named presets, one per official config (docs/official.md §8).
 
     >>> from smoothsa.presets import get_preset, apply_overrides
     >>> preset = apply_overrides(get_preset("smoothsa_r-coco"), ["optim.lr=1e-4", "model.num_slots=5"])
@@ -80,7 +80,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """The training procedure of SPEC §4. clip_type: "l2" or "inf"; clip_norm None: no clipping.
+    """The training procedure of docs/official.md §4. clip_type: "l2" or "inf"; clip_norm None: no clipping.
     validations: how many times a run validates, evenly spaced (the official val_interval = total/40).
     preheat_detach: the share of the first steps during which the preheated initializer reads detached features,
         so the preheat loss cannot reach `encode_project` (official 0.1; 1: the whole run)."""
@@ -190,7 +190,8 @@ PRESETS: dict[str, Preset] = _registry()
 
 
 def register_preset(preset: Preset) -> None:
-    """Adds a preset to the registry (e.g. the embedded demo); a name may be registered once."""
+    """Adds a preset to the registry (checked by `validate`); a name may be registered once."""
+    validate(preset)
     if preset.name in PRESETS:
         raise ValueError(f"preset {preset.name!r} is already registered")
     PRESETS[preset.name] = preset

@@ -192,7 +192,8 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 def _differences(saved: dict, now: dict) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, new value) of every field that differs."""
     saved, now = _flatten(saved), _flatten(now)
-    return [(key, saved.get(key), now.get(key)) for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    keys = sorted(saved.keys() | now.keys())
+    return [(key, saved.get(key), now.get(key)) for key in keys if saved.get(key) != now.get(key)]
 
 
 def _remove_leftovers(out: Path, say) -> None:

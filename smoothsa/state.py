@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from smoothsa.checkpoint import official_state_dict
-from smoothsa.cli import UserError
+from smoothsa.cli import WRITE_ERRNOS, UserError, fix_for
 
 TMP_SUFFIX = ".tmp"
 
@@ -59,16 +59,15 @@ def atomic_write(path: str | Path, write) -> Path:
         cause = _os_error(error)
         if cause is None:
             raise
-        fix = "free some space or choose another --out" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a writable --out"
         kept = " (the previous one is kept)" if path.exists() else ""
-        raise UserError(f"cannot write {path}{kept}: {os.strerror(cause.errno)}; {fix}") from error
+        raise UserError(f"cannot write {path}{kept}: {os.strerror(cause.errno)}; {fix_for(cause.errno)}") from error
     return path
 
 
 def _os_error(error: BaseException) -> OSError | None:
     """The full-disk or read-only error behind `error` (torch's writer wraps it in a RuntimeError), else None."""
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
             return error
         error = error.__cause__ or error.__context__
     return None

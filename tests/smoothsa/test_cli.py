@@ -115,7 +115,8 @@ def test_cuda_is_the_local_ranks_gpu_and_absent_gpus_are_named(monkeypatch):
     assert cli.resolve_device("cuda", 1) == torch.device("cuda:1")
     assert cli.resolve_device(None, 1) == torch.device("cuda:1")
     assert cli.resolve_device("cuda:0", 1) == torch.device("cuda:0")
-    with pytest.raises(cli.UserError, match=r"--device cuda:7: cuda:7 does not exist; 2 GPU\(s\) visible \(cuda:0 … cuda:1\)"):
+    absent = r"--device cuda:7: cuda:7 does not exist; 2 GPU\(s\) visible \(cuda:0 … cuda:1\)"
+    with pytest.raises(cli.UserError, match=absent):
         cli.resolve_device("cuda:7", 0)
     with pytest.raises(cli.UserError, match="local rank 3's GPU cuda:3 does not exist"):
         cli.resolve_device("cuda", 3)

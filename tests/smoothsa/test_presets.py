@@ -1,6 +1,6 @@
 """Every preset builds a model whose state_dict has exactly the official checkpoint keys and shapes.
 
-The expected key lists are written out here from SPEC §2.13, independently of the model code."""
+The expected key lists are written out here from docs/official.md §2.13, independently of the model code."""
 import json
 import typing
 
