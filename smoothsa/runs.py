@@ -13,20 +13,31 @@
   continue; a second Ctrl-C stops at once (the state is the last one saved). `--keep-last N` keeps the newest N
   `ckpt-*.pth` (default: all, as the official code).
 
-How a training `main` uses it (every rank calls `prepare`; only `writer=True` changes files):
+How a training `main` uses it (every rank calls `prepare`; only `writer=True` changes files; the loop logs a
+step before it saves the state of that step, so that the rows a resume keeps are those of the saved state):
 
-    run = runs.prepare(args.out, preset, dataclasses.asdict(options), overrides=args.overrides,
-                       resume=args.resume, overwrite=args.overwrite, writer=rank == 0)
-    if run.finished:
-        return
-    trainer = Trainer(run.preset, options, device)
-    if run.resumed:
-        trainer.load_state_dict(load_training_state(run.state_path))
-    timer, keep = runs.SaveTimer(args.save_every_min), runs.CheckpointKeeper(run.out, args.keep_last)
-    with runs.StopSignals() as signals:
-        for each step:  trainer.step(batch); log; validate and save_checkpoint(..., keep.path(step)) then keep.prune()
-            if validated or timer.due() or signals.requested:  save the state; timer.saved()
-            if signals.requested:  raise signals.stopped(step, run.state_path)   # `cli.entry_point` exits 143/130
+    @cli.entry_point                                   # user errors: one line, status 2; `Stopped`: 143/130
+    def main(argv=None):
+        args = parse_args(argv)                        # with runs.add_arguments(parser), cli.add_debug_argument
+        device = cli.resolve_device(args.device, local_rank)
+        preset = apply_overrides(get_preset(args.preset), args.overrides)
+        run = runs.prepare(args.out, preset, options, overrides=args.overrides, resume=args.resume,
+                           overwrite=args.overwrite, writer=rank == 0)
+        if run.finished:
+            return
+        trainer = Trainer(run.preset, options, device)
+        if run.resumed:
+            trainer.load_state_dict(load_training_state(run.state_path))
+        timer, keep = runs.SaveTimer(args.save_every_min), runs.CheckpointKeeper(run.out, args.keep_last)
+        with runs.StopSignals() as signals:
+            for each step:  trainer.step(batch); log the step
+                validate if due: save_checkpoint(model, keep.path(step)); keep.prune()
+                if validated or timer.due() or signals.requested:  save the state; timer.saved()
+                if signals.requested:  raise signals.stopped(step, run.state_path)
+
+Under torchrun every rank must stop at the same step: test `signals.requested_on_any_rank(device)` (one
+all-reduce) instead of `signals.requested`, e.g. at logging steps. TensorBoard: `SummaryWriter(...,
+purge_step=run.step + 1)` drops its events after the resumed step as `prepare` does for log.csv.
 """
 import argparse
 import csv

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -275,37 +274,6 @@ def test_loader_workers_can_ignore_the_stop_signals():
             signal.signal(s, handler)
 
 
-def test_sigterm_to_a_real_process_saves_and_exits_143(tmp_path):
-    script = tmp_path / "loop.py"
-    script.write_text(textwrap.dedent("""
-        import sys, time
-        from smoothsa import cli, runs
-        from smoothsa.state import atomic_write_text
-
-        @cli.entry_point
-        def main(argv=None):
-            step = 0
-            with runs.StopSignals() as signals:
-                print("ready", flush=True)
-                while not signals.requested:
-                    step += 1
-                    time.sleep(0.01)
-                atomic_write_text(sys.argv[1], f"state of step {step}")
-                raise signals.stopped(step, sys.argv[1])
-
-        main()
-    """))
-    state = tmp_path / "state.txt"
-    proc = subprocess.Popen([sys.executable, str(script), str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline() == "ready\n"
-    proc.send_signal(signal.SIGTERM)
-    _, error = proc.communicate(timeout=60)
-    assert proc.returncode == 143, error
-    assert "stopped by SIGTERM at step" in error and "--resume to continue" in error and "Traceback" not in error
-    assert state.read_text().startswith("state of step ")
-
-
 def _disk_that_fills(monkeypatch, room: int):
     """os.write as on a disk with `room` bytes left: short writes, then ENOSPC."""
     real = os.write
@@ -363,3 +331,99 @@ def test_an_atomic_save_round_trips_large_tensors(tmp_path):
     atomic_save(obj, tmp_path / "deep" / "state.pt")
     again = torch.load(tmp_path / "deep" / "state.pt", weights_only=True)
     assert again["step"] == 7 and torch.equal(again["weights"], obj["weights"])
+
+
+LOOP = '''
+import argparse, csv, json, time
+import torch
+from smoothsa import cli, runs
+from smoothsa.presets import apply_overrides, get_preset
+from smoothsa.state import atomic_save, atomic_write_text
+
+
+@cli.entry_point
+def main(argv=None):
+    """A training main reduced to the run-folder calls: the "weights" are the running sum of the step numbers."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    runs.add_arguments(parser)
+    cli.add_debug_argument(parser)
+    args = parser.parse_args(argv)
+    preset = apply_overrides(get_preset("demo"), args.overrides)
+    run = runs.prepare(args.out, preset, {"workers": 0}, overrides=args.overrides, resume=args.resume,
+                       overwrite=args.overwrite)
+    if run.finished:
+        return
+    step = total = 0
+    if run.resumed:
+        state = torch.load(run.state_path, weights_only=True)
+        step, total = state["step"], state["total"]
+    timer, keep = runs.SaveTimer(args.save_every_min), runs.CheckpointKeeper(run.out, args.keep_last)
+    interval = run.preset.optim.total_steps // run.preset.optim.validations
+    log = run.out / "log.csv"
+    with runs.StopSignals() as signals:
+        while step < run.preset.optim.total_steps:
+            step += 1
+            total += step
+            time.sleep(0.05)
+            new = not log.exists()
+            with open(log, "a", newline="") as file:
+                writer = csv.writer(file)
+                if new:
+                    writer.writerow(["step", "split", "name", "value"])
+                writer.writerow([step, "train", "total", total])
+            print(f"step {step}", flush=True)
+            validated = step % interval == 0
+            if validated:
+                atomic_save({"total": total}, keep.path(step))
+                keep.prune()
+            if validated or timer.due() or signals.requested:
+                atomic_save({"step": step, "total": total}, run.state_path)
+                timer.saved()
+            if signals.requested:
+                raise signals.stopped(step, run.state_path)
+    atomic_write_text(run.out / "metrics.json", json.dumps({"step": step, "val": {"total": total}}))
+
+
+main()
+'''
+
+
+@pytest.mark.slow
+def test_killed_stopped_and_finished_runs_follow_the_documented_sequence(tmp_path):
+    """kill -9 after a validation's save, a resume stopped by SIGTERM (143), a resume to the end,
+    and a resume of the finished run that changes nothing: the sum and the log are those of one uninterrupted run."""
+    script, out = tmp_path / "loop.py", tmp_path / "run"
+    script.write_text(LOOP)
+    command = [sys.executable, str(script), "--out", str(out), "--set", "optim.total_steps=40",
+               "--set", "optim.validations=4", "--keep-last", "2"]
+
+    def start(*extra):
+        return subprocess.Popen(command + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run_until(proc, step, sig):
+        for line in proc.stdout:
+            if line.startswith("step ") and int(line.split()[1]) >= step:
+                break
+        proc.send_signal(sig)
+        rest, error = proc.communicate(timeout=60)
+        return proc.returncode, rest, error
+
+    status, _, _ = run_until(start(), 15, signal.SIGKILL)
+    assert status == -signal.SIGKILL and not (out / "metrics.json").exists()
+    status, _, error = run_until(start("--resume"), 25, signal.SIGTERM)
+    assert status == 143 and "stopped by SIGTERM at step" in error and "--resume to continue" in error, error
+    finished = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads((out / "metrics.json").read_text()) == {"step": 40, "val": {"total": sum(range(41))}}
+    with open(out / "log.csv", newline="") as file:
+        rows = list(csv.reader(file))[1:]
+    assert [int(r[0]) for r in rows] == list(range(1, 41))
+    assert [int(r[3]) for r in rows] == [sum(range(s + 1)) for s in range(1, 41)]
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000030.pth", "ckpt-0000040.pth"]
+    before = hashes(out)
+    again = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "finished at step 40" in again.stdout and "nothing to do" in again.stdout
+    assert hashes(out) == before
