@@ -264,6 +264,18 @@ def test_a_second_ctrl_c_stops_at_once():
     assert info.value.status == 130 and "second Ctrl-C" in info.value.message and "--resume" in info.value.message
 
 
+def test_the_stop_request_is_reduced_over_the_process_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        signals = runs.StopSignals()
+        assert not signals.requested_on_any_rank(torch.device("cpu"))
+        signals.handle(signal.SIGINT)
+        assert signals.requested_on_any_rank(torch.device("cpu")) and signals.signum == signal.SIGINT
+    finally:
+        torch.distributed.destroy_process_group()
+    assert runs.StopSignals().requested_on_any_rank(torch.device("cpu")) is False  # no group: this process's own
+
+
 def test_loader_workers_can_ignore_the_stop_signals():
     previous = {s: signal.getsignal(s) for s in runs.StopSignals.SIGNALS}
     try:
