@@ -122,3 +122,9 @@ def test_cuda_is_the_local_ranks_gpu_and_absent_gpus_are_named(monkeypatch):
         cli.resolve_device("cuda", 3)
     with pytest.raises(cli.UserError, match="--device gpu: unknown device; use cpu, cuda"):
         cli.resolve_device("gpu", 0)
+
+
+def test_a_full_disk_without_a_file_name_still_says_what_to_do():
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert cli.user_message(error) == "No space left on device; free some space or choose another --out"
+    assert cli.user_message(OSError(errno.EIO, "Input/output error")) is None  # not the user's to fix: a traceback

@@ -1,6 +1,7 @@
 """The run folder: refusals that change no file, --overwrite, --resume against the saved config, finished runs,
 leftover .tmp files, log.csv after a resume, time-based saves, signals, keep-last-N and atomic writes on a full
 or read-only disk."""
+import argparse
 import csv
 import errno
 import hashlib
@@ -439,3 +440,18 @@ def test_killed_stopped_and_finished_runs_follow_the_documented_sequence(tmp_pat
     again = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "finished at step 40" in again.stdout and "nothing to do" in again.stdout
     assert hashes(out) == before
+
+
+def test_the_run_flags_parse_and_refuse_bad_values(capsys):
+    parser = argparse.ArgumentParser()
+    runs.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.overwrite, args.save_every_min, args.keep_last) == (False, 10.0, None)
+    args = parser.parse_args(["--overwrite", "--save-every-min", "2.5", "--keep-last", "3"])
+    assert (args.overwrite, args.save_every_min, args.keep_last) == (True, 2.5, 3)
+    for bad, message in [(["--keep-last", "0"], "expected an integer ≥ 1, got 0"),
+                         (["--save-every-min", "-1"], "expected minutes ≥ 0, got -1"),
+                         (["--save-every-min", "nan"], "expected minutes ≥ 0, got nan")]:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(bad)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
