@@ -9,8 +9,28 @@ import re
 import torch
 import torch.nn as nn
 
+from smoothsa.cli import UserError
+
 PREFIX = "m."
 _BACKBONE = re.compile(r"(^|\.)encode_backbone\.")
+
+
+class BadCheckpoint(UserError):
+    """A checkpoint file that cannot be read, or whose keys or shapes do not fit the model."""
+
+
+class CheckpointMismatch(BadCheckpoint, KeyError):
+    """The keys or shapes of a checkpoint do not fit the model (a `KeyError` too, for code that expects one)."""
+
+
+def _load_failure(error: BaseException) -> str:
+    """One line of `torch.load`'s error: the unpickler's reason, or the first sentence."""
+    text = str(error)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:  # objects other than tensors, refused by weights_only=True
+            return "weights_only refused it: " + line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    first = text.strip().split(". ")[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first}"
 
 
 def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -23,8 +43,13 @@ def read_checkpoint(state_dict_or_path) -> dict[str, torch.Tensor]:
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         path = os.fspath(state_dict_or_path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            raise FileNotFoundError(f"checkpoint not found: {path}; pass the path of a .pth file "
+                                    "(e.g. runs/<name>/last.pth)")
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated, not a torch file, or pickled objects weights_only refuses
+            raise BadCheckpoint(f"{path} is not a readable checkpoint ({_load_failure(error)}); "
+                                "re-download or re-write it") from error
     else:
         state_dict = state_dict_or_path
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
@@ -45,7 +70,7 @@ def load_official(model: nn.Module, state_dict_or_path, strict: bool = True) -> 
     if any(k.startswith(PREFIX) for k in state_dict):
         outside = [k for k in state_dict if not k.startswith(PREFIX)]
         if outside:
-            raise KeyError(f"load_official: checkpoint mixes `m.` keys with others, e.g. {outside[:5]}")
+            raise CheckpointMismatch(f"load_official: checkpoint mixes `m.` keys with others, e.g. {outside[:5]}")
         state_dict = {k[len(PREFIX) :]: v for k, v in state_dict.items()}
     expected = model.state_dict()
     if not any(_BACKBONE.search(k) for k in expected):
@@ -65,7 +90,8 @@ def load_official(model: nn.Module, state_dict_or_path, strict: bool = True) -> 
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:10])}")
     if problems and strict:
-        raise KeyError(f"load_official: checkpoint does not match {type(model).__name__}: " + " | ".join(problems))
+        raise CheckpointMismatch(f"load_official: checkpoint does not match {type(model).__name__}: " + " | ".join(problems)
+                                 + "; is it the checkpoint of this preset?")
     loadable = {k: v for k, v in state_dict.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape)}
     model.load_state_dict(loadable, strict=False)
     model.load_report = problems

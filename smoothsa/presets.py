@@ -7,9 +7,13 @@ Preset names match the official config files; `smoothsav_c-movi_d` runs MOVi-E's
 (the official results table has it, its config is not published).
 """
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
+
+from smoothsa.cli import UserError
 
 
 @dataclass
@@ -39,17 +43,17 @@ class ModelConfig:
     decoder_pe_init: "arrand" decoder, its positional table's start: "trunc_normal" (official) or "sincos".
     """
 
-    arch: str = "smoothsa"
+    arch: Literal["smoothsa", "smoothsa_video", "spot", "spot_distill", "recognition"] = "smoothsa"
     num_slots: int | None = 7
-    initializer: str = "shared_preheated"
-    trunc_bp: str | None = "bi-level"
+    initializer: Literal["shared_preheated", "mlp_preheated", "shared", "separat"] = "shared_preheated"
+    trunc_bp: Literal["bi-level"] | None = "bi-level"
     num_iter: int = 3
     transit_dt: int | None = None
-    decoder: str = "arrand"
+    decoder: Literal["arrand", "ar9"] = "arrand"
     fused: bool | None = None
     discovery: str | None = None
     num_classes: int | None = None
-    backbone: str = "dinov2"
+    backbone: Literal["dinov2", "patch"] = "dinov2"
     image_size: int = 256
     grid: int = 16
     feature_dim: int = 384
@@ -57,7 +61,7 @@ class ModelConfig:
     decoder_layers: int = 4
     patch_position: float = 0.0
     decoder_p: float = 0.5
-    decoder_pe_init: str = "trunc_normal"
+    decoder_pe_init: Literal["trunc_normal", "sincos"] = "trunc_normal"
 
 
 @dataclass
@@ -68,12 +72,14 @@ class DataConfig:
     coco_mode: COCO ground truth, "instance" (stuff merged into one background channel first, then the things:
     the official default, which no official config changes) or "panoptic" (every segment its own channel)."""
 
-    dataset: str = "coco"
+    dataset: Literal[
+        "clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq", "synthetic", "synthetic_video"
+    ] = "coco"
     clip_len: int | None = None
     repeat_long: int = 0
     with_bbox: bool = False
     with_clazz: bool = False
-    coco_mode: str = "instance"
+    coco_mode: Literal["instance", "panoptic"] = "instance"
 
 
 @dataclass
@@ -89,7 +95,7 @@ class OptimConfig:
     val_batch_size: int = 32
     lr: float = 2e-4
     clip_norm: float | None = 1.0
-    clip_type: str = "l2"
+    clip_type: Literal["l2", "inf"] = "l2"
     loss_weights: dict[str, float] = field(default_factory=lambda: {"recon": 1.0, "preheat": 100.0})
     seed: int = 42
     preheat_detach: float = 0.1
@@ -201,16 +207,21 @@ PRESETS: dict[str, Preset] = _registry()
 
 
 def register_preset(preset: Preset) -> None:
-    """Adds a preset to the registry (e.g. the embedded demo); a name may be registered once."""
+    """Adds a preset to the registry (checked by `validate`); a name may be registered once."""
+    validate(preset)
     if preset.name in PRESETS:
         raise ValueError(f"preset {preset.name!r} is already registered")
     PRESETS[preset.name] = preset
 
 
+class UnknownPreset(UserError, KeyError):
+    """A preset name that is not in the registry (a `KeyError` too, for code that looks names up)."""
+
+
 def get_preset(name: str) -> Preset:
     """A fresh copy of the named preset; an unknown name lists the known ones."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise UnknownPreset(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return _copy(PRESETS[name])
 
 
@@ -223,13 +234,23 @@ def _copy(preset: Preset) -> Preset:
     )
 
 
+def _describe(annotation) -> str:
+    """A field type as a user reads it: `one of 'l2', 'inf'`, `int or None`."""
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def _convert(text: str, annotation, where: str):
-    """Parses a command-line value into the field's declared type (int, float, bool, str, None unions)."""
+    """Parses a command-line value into the field's declared type (int, float, bool, str, Literal, None unions)."""
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null"):
-            if type(None) in args:
-                return None
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
         for arg in args:
             if arg is type(None):
                 continue
@@ -237,49 +258,116 @@ def _convert(text: str, annotation, where: str):
                 return _convert(text, arg, where)
             except ValueError:
                 continue
-        raise ValueError(f"{where}: cannot parse {text!r} as {annotation}")
+        raise UserError(f"--set {where}={text}: expected {_describe(annotation)}")
+    if typing.get_origin(annotation) is Literal:
+        if text not in args:
+            raise UserError(f"--set {where}={text}: expected {_describe(annotation)}")
+        return text
     if annotation is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{where}: expected a boolean, got {text!r}")
+        raise UserError(f"--set {where}={text}: expected a boolean, got {text!r}")
     if annotation in (int, float, str):
         try:
             return annotation(text)
         except ValueError:
-            raise ValueError(f"{where}: expected {annotation.__name__}, got {text!r}") from None
+            raise UserError(f"--set {where}={text}: expected {annotation.__name__}, got {text!r}") from None
     if typing.get_origin(annotation) is dict:
-        raise ValueError(f"{where}: set dict entries one by one, e.g. optim.loss_weights.preheat=100")
-    raise ValueError(f"{where}: cannot set a field of type {annotation}")
+        raise UserError(f"--set {where}: set dict entries one by one, e.g. optim.loss_weights.preheat=100")
+    raise UserError(f"--set {where}: cannot set a field of type {annotation}")
 
 
 def apply_overrides(preset: Preset, assignments: list[str]) -> Preset:
     """Returns a copy of `preset` with `section.field=value` assignments applied (and
-    `optim.loss_weights.<name>=<float>`). Unknown sections or fields are errors that list the valid ones."""
+    `optim.loss_weights.<name>=<float>`), checked by `validate`. Unknown sections or fields, values of the wrong
+    type and values out of range are `UserError`s that name the field and what it accepts."""
     preset = _copy(preset)
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
         if not sep:
-            raise ValueError(f"override {assignment!r} is not of the form section.field=value")
+            raise UserError(f"--set {assignment!r} is not of the form section.field=value")
         parts = key.strip().split(".")
         sections = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.name != "name"}
         if parts[0] not in sections or len(parts) < 2:
-            raise ValueError(f"override {assignment!r}: the key must start with one of {', '.join(sections)}")
+            raise UserError(f"--set {assignment!r}: the key must start with one of {', '.join(sections)}")
         section = sections[parts[0]]
         fields = {f.name: f for f in dataclasses.fields(section)}
         if parts[1] not in fields:
-            raise ValueError(f"override {assignment!r}: {parts[0]} has no field {parts[1]!r}; fields: {', '.join(fields)}")
+            raise UserError(f"--set {assignment!r}: {parts[0]} has no field {parts[1]!r}; fields: {', '.join(fields)}")
         if parts[1] == "loss_weights" and len(parts) == 3:
-            section.loss_weights[parts[2]] = _convert(text, float, key)
+            section.loss_weights[parts[2]] = _convert(text.strip(), float, key)
             continue
         if len(parts) != 2:
-            raise ValueError(f"override {assignment!r}: too many dots")
+            raise UserError(f"--set {assignment!r}: too many dots")
         hints = typing.get_type_hints(type(section))
         setattr(section, parts[1], _convert(text.strip(), hints[parts[1]], key))
+    validate(preset)
+    return preset
+
+
+def _at_least(value, low, name: str, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if value is None or value < low:
+        raise UserError(f"{name} must be at least {low}, got {value}")
+
+
+def _within(value: float, low: float, high: float, name: str) -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{name} must lie in [{low}, {high}], got {value}")
+
+
+def _non_negative(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{name} must be a finite number ≥ 0, got {value}")
+
+
+def validate(preset: Preset) -> Preset:
+    """Checks every field against its declared choices and range; the first bad one is a one-line `UserError`."""
+    for section_name in ("model", "data", "optim"):
+        section = getattr(preset, section_name)
+        for name, annotation in typing.get_type_hints(type(section)).items():
+            value = getattr(section, name)
+            choices = [a for a in (annotation, *typing.get_args(annotation)) if typing.get_origin(a) is Literal]
+            if choices and not (value is None and type(None) in typing.get_args(annotation)):
+                if value not in typing.get_args(choices[0]):
+                    raise UserError(f"{section_name}.{name} must be {_describe(annotation)}, got {value!r}")
+    model, data, optim = preset.model, preset.data, preset.optim
+    _at_least(model.num_slots, 1, "model.num_slots", none_ok=model.initializer == "mlp_preheated")
+    for name in ("num_iter", "image_size", "grid", "feature_dim", "slot_dim", "decoder_layers"):
+        _at_least(getattr(model, name), 1, f"model.{name}")
+    _at_least(model.transit_dt, 1, "model.transit_dt", none_ok=model.arch != "smoothsa_video")
+    _at_least(model.num_classes, 2, "model.num_classes", none_ok=model.arch != "recognition")
+    _within(model.decoder_p, 0, 1, "model.decoder_p")
+    _non_negative(model.patch_position, "model.patch_position")
+    _at_least(data.clip_len, 1, "data.clip_len", none_ok=True)
+    _at_least(data.repeat_long, 0, "data.repeat_long")
+    for name in ("total_steps", "validations", "batch_size", "val_batch_size"):
+        _at_least(getattr(optim, name), 1, f"optim.{name}")
+    if not (math.isfinite(optim.lr) and optim.lr > 0):
+        raise UserError(f"optim.lr must be a finite number > 0, got {optim.lr}")
+    if optim.clip_norm is not None and not (math.isfinite(optim.clip_norm) and optim.clip_norm > 0):
+        raise UserError(f"optim.clip_norm must be a finite number > 0 or None (no clipping), got {optim.clip_norm}")
+    for name, weight in optim.loss_weights.items():
+        _non_negative(weight, f"optim.loss_weights.{name}")
+    _within(optim.preheat_detach, 0, 1, "optim.preheat_detach")
+    if not 0 <= optim.seed < 2**32 - 2**16:  # numpy seeds are 32-bit; each rank adds its number
+        raise UserError(f"optim.seed must lie in [0, {2**32 - 2**16}), got {optim.seed}")
     return preset
 
 
 def preset_to_dict(preset: Preset) -> dict:
     """A JSON-ready dict of the resolved configuration (written next to checkpoints)."""
     return dataclasses.asdict(preset)
+
+
+def preset_from_dict(config: dict) -> Preset:
+    """The inverse of `preset_to_dict` (a saved `config.json`), checked by `validate`; unknown keys are errors."""
+    sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
+    try:
+        values = {name: kind(**config[name]) for name, kind in sections.items()}
+        return validate(Preset(config["name"], **values))
+    except (KeyError, TypeError) as error:
+        raise UserError(f"not a preset configuration ({error}); was it written by another version?") from None

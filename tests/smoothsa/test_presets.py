@@ -1,10 +1,17 @@
 """Every preset builds a model whose state_dict has exactly the official checkpoint keys and shapes.
 
 The expected key lists are written out here from docs/official.md §2.13, independently of the model code."""
+import json
+import typing
+
 import pytest
 
 import smoothsa
-from smoothsa.presets import PRESETS, apply_overrides, get_preset
+from smoothsa.cli import UserError
+from smoothsa.data import DATASETS
+from smoothsa.presets import (
+    PRESETS, DataConfig, ModelConfig, OptimConfig, apply_overrides, get_preset, preset_from_dict, preset_to_dict, validate,
+)
 
 
 def backbone_keys() -> dict:
@@ -209,3 +216,70 @@ def test_training_hyperparameters_follow_the_official_configs(name, steps, batch
     assert optim.loss_weights == weights
     if clip is not None:
         assert optim.clip_type == clip_type
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_valid_and_round_trips_through_its_config(name):
+    preset = get_preset(name)
+    assert validate(preset) is preset
+    assert preset_from_dict(json.loads(json.dumps(preset_to_dict(preset)))) == preset
+
+
+def test_fields_with_fixed_choices_are_literal_types():
+    literal = {f"{section.__name__}.{k}": typing.get_args(v) for section in (ModelConfig, DataConfig, OptimConfig)
+               for k, v in typing.get_type_hints(section).items() if "Literal" in str(v)}
+    assert literal["OptimConfig.clip_type"] == ("l2", "inf")
+    assert literal["DataConfig.coco_mode"] == ("panoptic", "instance")
+    assert set(literal) == {"ModelConfig.arch", "ModelConfig.initializer", "ModelConfig.trunc_bp", "ModelConfig.decoder",
+                            "ModelConfig.backbone", "ModelConfig.decoder_pe_init", "DataConfig.dataset",
+                            "DataConfig.coco_mode", "OptimConfig.clip_type"}
+    assert set(typing.get_args(typing.get_type_hints(DataConfig)["dataset"])) == set(DATASETS)
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("optim.clip_type=l3", "--set optim.clip_type=l3: expected one of 'l2', 'inf'"),
+    ("optim.clip_type=L2", "--set optim.clip_type=L2: expected one of 'l2', 'inf'"),
+    ("model.trunc_bp=full", "--set model.trunc_bp=full: expected one of 'bi-level' or None"),
+    ("model.decoder=ar8", "--set model.decoder=ar8: expected one of 'arrand', 'ar9'"),
+    ("data.dataset=cocoa", "--set data.dataset=cocoa: expected one of 'clevrtex', 'coco', 'voc', 'movi_c'"),
+    ("optim.batch_size=-4", "optim.batch_size must be at least 1, got -4"),
+    ("optim.batch_size=0", "optim.batch_size must be at least 1, got 0"),
+    ("optim.val_batch_size=0", "optim.val_batch_size must be at least 1, got 0"),
+    ("optim.total_steps=0", "optim.total_steps must be at least 1, got 0"),
+    ("optim.validations=0", "optim.validations must be at least 1, got 0"),
+    ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.lr=-1e-4", "optim.lr must be a finite number > 0, got -0.0001"),
+    ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+    ("optim.clip_norm=0", "optim.clip_norm must be a finite number > 0 or None"),
+    ("optim.preheat_detach=1.5", r"optim.preheat_detach must lie in [0, 1], got 1.5"),
+    ("optim.loss_weights.preheat=nan", "optim.loss_weights.preheat must be a finite number ≥ 0, got nan"),
+    ("optim.seed=-1", "optim.seed must lie in [0, "),
+    ("model.num_slots=0", "model.num_slots must be at least 1, got 0"),
+    ("model.num_slots=none", "model.num_slots must be at least 1, got None"),
+    ("model.num_iter=0", "model.num_iter must be at least 1, got 0"),
+    ("model.decoder_p=2", "model.decoder_p must lie in [0, 1], got 2.0"),
+    ("model.grid=0", "model.grid must be at least 1, got 0"),
+    ("data.repeat_long=-1", "data.repeat_long must be at least 0, got -1"),
+])
+def test_bad_values_are_one_line_user_errors(assignment, message):
+    before = get_preset("smoothsa_r-coco")
+    with pytest.raises(UserError) as info:
+        apply_overrides(before, [assignment])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+    assert before == get_preset("smoothsa_r-coco")
+
+
+def test_box_conditioned_video_presets_keep_num_slots_none():
+    preset = apply_overrides(get_preset("smoothsav_c-movi_c"), ["model.num_slots=none"])
+    assert preset.model.num_slots is None and preset.model.initializer == "mlp_preheated"
+
+
+def test_a_foreign_config_is_a_user_error():
+    config = preset_to_dict(get_preset("demo"))
+    config["optim"]["momentum"] = 0.9
+    with pytest.raises(UserError, match="not a preset configuration"):
+        preset_from_dict(config)
+    config = preset_to_dict(get_preset("demo"))
+    config["optim"]["clip_type"] = "l3"
+    with pytest.raises(UserError, match="optim.clip_type must be one of 'l2', 'inf', got 'l3'"):
+        preset_from_dict(config)
