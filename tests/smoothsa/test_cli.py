@@ -8,7 +8,7 @@ import torch
 
 from smoothsa import cli
 from smoothsa.checkpoint import load_official, read_checkpoint
-from smoothsa.data import build_loader
+from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.presets import PRESETS, apply_overrides, get_preset
 
 
@@ -44,7 +44,7 @@ CASES = {
             "--set optim.clip_type=l3: expected one of 'l2', 'inf'"),
     "range": (lambda tmp: lambda: apply_overrides(get_preset("demo"), ["optim.batch_size=-4"]),
               "optim.batch_size must be at least 1, got -4"),
-    "data": (lambda tmp: lambda: build_loader(get_preset("demo"), tmp / "nowhere", "train", True, 4),
+    "data": (lambda tmp: lambda: build_loader(get_preset("demo"), tmp / "nowhere", "train", LoaderOptions(batch_size=4)),
              "no train split at"),
     "checkpoint file": (bad_checkpoint, "last.pth is not a readable checkpoint (RuntimeError: PytorchStreamReader"),
     "checkpoint keys": (wrong_checkpoint, "checkpoint does not match SmoothSA"),

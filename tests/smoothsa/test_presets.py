@@ -8,7 +8,7 @@ import pytest
 
 import smoothsa
 from smoothsa.cli import UserError
-from smoothsa.data import DATASETS
+from smoothsa.dataio import DATASETS
 from smoothsa.presets import (
     PRESETS, DataConfig, ModelConfig, OptimConfig, apply_overrides, get_preset, preset_from_dict, preset_to_dict, validate,
 )
@@ -229,7 +229,7 @@ def test_fields_with_fixed_choices_are_literal_types():
     literal = {f"{section.__name__}.{k}": typing.get_args(v) for section in (ModelConfig, DataConfig, OptimConfig)
                for k, v in typing.get_type_hints(section).items() if "Literal" in str(v)}
     assert literal["OptimConfig.clip_type"] == ("l2", "inf")
-    assert literal["DataConfig.coco_mode"] == ("panoptic", "instance")
+    assert literal["DataConfig.coco_mode"] == ("instance", "panoptic")
     assert set(literal) == {"ModelConfig.arch", "ModelConfig.initializer", "ModelConfig.trunc_bp", "ModelConfig.decoder",
                             "ModelConfig.backbone", "ModelConfig.decoder_pe_init", "DataConfig.dataset",
                             "DataConfig.coco_mode", "OptimConfig.clip_type"}
