@@ -9,10 +9,12 @@
 
 Modules: `records` (LMDB access, safe unpickling, atomic writer), `datasets` (readers), `transforms`
 (crop / resize / flip / normalise, collate), `loader` (torch and DALI loaders), `dali` (optional DALI
-pipeline), `synthetic` (synthetic scenes in the official layout), `convert` (original layouts -> LMDB).
+pipeline), `synthetic` (synthetic scenes in the official layout), `convert` (original layouts -> LMDB),
+`folder` (your own unlabelled images and videos).
 """
 
 from .datasets import COCO, DATASETS, MOVi, VOC, YTVIS, ClevrTex, Encoded, LmdbDataset
+from .folder import FolderImages, FolderVideos
 from .loader import TorchLoader, make_loader
 from .records import LmdbRecords, LmdbWriter, RecordError, write_records
 from .synthetic import render_scene, render_video, write_synthetic
@@ -34,6 +36,8 @@ __all__ = [
     "ClevrTex",
     "CropWindow",
     "Encoded",
+    "FolderImages",
+    "FolderVideos",
     "LmdbDataset",
     "LmdbRecords",
     "LmdbWriter",

@@ -6,11 +6,12 @@ A data folder holds one LMDB file per split, `<dir>/train.lmdb` and `<dir>/val.l
 """
 from pathlib import Path
 
-from smoothsa.dataio import COCO, VOC, ClevrTex, MOVi, YTVIS, make_loader
+from smoothsa.dataio import COCO, VOC, ClevrTex, FolderImages, FolderVideos, MOVi, YTVIS, make_loader
 from smoothsa.presets import Preset
 
 SPLITS = ("train", "val")
-DATASETS = ("clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq", "synthetic", "synthetic_video")
+DATASETS = ("clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq", "synthetic", "synthetic_video",
+            "folder")
 
 
 def split_path(root: str | Path, split: str) -> Path:
@@ -37,6 +38,13 @@ def build_dataset(preset: Preset, root: str | Path, split: str, is_training: boo
     if name == "coco":
         return COCO(path, is_training, resolution, mode=data.coco_mode, with_bbox=data.with_bbox, with_clazz=data.with_clazz)
     clip = data.clip_len if is_training else None
+    if name == "folder":  # unlabelled images or videos (`python -m smoothsa.dataio.convert folder`)
+        if data.with_bbox or data.with_clazz:
+            raise ValueError(f"preset {preset.name} needs boxes or classes, which folder data has none of; "
+                             "use a preset without them (e.g. smoothsa_r-coco, smoothsav_r-ytvis)")
+        if preset.model.arch == "smoothsa_video":
+            return FolderVideos(path, is_training, resolution, clip_length=clip)
+        return FolderImages(path, is_training, resolution)
     if name.startswith("movi") or name == "synthetic_video":
         return MOVi(path, is_training, resolution, clip_length=clip, with_bbox=data.with_bbox, name=name)
     if name.startswith("ytvis"):

@@ -60,7 +60,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """dataset: "clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq" or "synthetic".
+    """dataset: "clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq", "synthetic" or "folder"
+    (your own unlabelled images or videos, `smoothsa.dataio.folder`).
     clip_len: training clip length (video). repeat_long: YTVIS lists a video len//30 times when longer (0 off).
     with_bbox / with_clazz: load boxes and classes (recognition, MOVi conditioning)."""
 
