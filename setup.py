@@ -16,6 +16,7 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "xformers": ["xformers"],
         "movi": ["tensorflow", "tensorflow-datasets"],
+        "video": ["av"],  # PyAV: video files for `smoothsa.infer` and `convert folder --video`
         "test": ["pytest", "pytest-benchmark", "triton"],
     },
 )
