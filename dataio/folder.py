@@ -75,12 +75,18 @@ def read_image(path: Path) -> np.ndarray:
         raise UnreadableInput(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
 
 
-def read_video_file(path: Path) -> tuple[np.ndarray, float | None]:
-    """A video file → frames (T, H, W, 3) uint8 RGB and its frame rate (None when the file does not say)."""
+def require_pyav():
+    """The `av` module (PyAV), or an ImportError whose message names the `[video]` extra."""
     try:
         import av
     except ImportError:
         raise ImportError(VIDEO_EXTRA) from None
+    return av
+
+
+def read_video_file(path: Path) -> tuple[np.ndarray, float | None]:
+    """A video file → frames (T, H, W, 3) uint8 RGB and its frame rate (None when the file does not say)."""
+    av = require_pyav()
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -183,10 +189,7 @@ def convert_folder(src: Path, dst: Path, val_fraction: float = 0.05, video: bool
     if not inputs:
         raise ValueError(f"no {kind} under {src}")
     if video and any(p.is_file() for p in inputs):
-        try:
-            import av  # noqa: F401  (fail before writing anything)
-        except ImportError:
-            raise ImportError(VIDEO_EXTRA) from None
+        require_pyav()  # fail before writing anything
     train, val = split_inputs(inputs, val_fraction, seed)
     make = video_record if video else image_record
     written, skipped = [], []
@@ -206,9 +209,6 @@ def convert_folder(src: Path, dst: Path, val_fraction: float = 0.05, video: bool
 
 # ------------------------------------------------------------------------------------------------
 # readers
-
-
-NO_SEGMENTS = "no ground-truth segments in this dataset: validation reports the losses only"
 
 
 def _check_kind(dataset, expected: str, other: str, hint: str) -> None:

@@ -42,7 +42,6 @@ from smoothsa import visualize
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official, read_checkpoint
 from smoothsa.dataio.folder import (
-    VIDEO_EXTRA,
     UnreadableInput,
     find_images,
     find_videos,
@@ -51,6 +50,7 @@ from smoothsa.dataio.folder import (
     natural_key,
     read_image,
     read_video,
+    require_pyav,
 )
 from smoothsa.dataio.transforms import center_crop_window, derive_seed, preprocess
 from smoothsa.models import SmoothSAVideo
@@ -300,10 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     video = preset.model.arch == "smoothsa_video"
     collected = collect_inputs(args.inputs, video)
     if video and any(i.path.is_file() for i in collected.inputs):
-        try:
-            import av  # noqa: F401
-        except ImportError:
-            raise ImportError(VIDEO_EXTRA) from None
+        require_pyav()  # video files need PyAV: say so before loading the model
     if not collected.inputs:
         raise FileNotFoundError("nothing to segment: none of the inputs is a readable image, video or folder")
     model, banner = load_model(preset, args.ckpt, args.backbone_weights, args.device)
