@@ -196,3 +196,17 @@ def test_command_line(photos, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "could be read" in err and "Traceback" not in err
     assert not (tmp_path / "nothing" / "train.lmdb").exists()
+
+
+def test_the_dali_loader_reads_folder_images(photos, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="DALI not installed (pip install nvidia-dali-cuda120)")
+    from smoothsa.dataio.loader import make_loader
+
+    src, _ = photos
+    convert_folder(src, tmp_path / "out", val_fraction=0.3)
+    dataset = FolderImages(tmp_path / "out" / "val.lmdb", is_training=False, resolution=64)
+    torch_batch = next(iter(make_loader(dataset, 2, False, backend="torch")))
+    dali_batch = next(iter(make_loader(dataset, 2, False, backend="dali")))
+    assert sorted(dali_batch) == ["image"] and dali_batch["image"].shape == torch_batch["image"].shape
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # DALI's antialiasing differs at the border
+    assert (dali_batch["image"][inner] - torch_batch["image"][inner]).abs().max() < 0.1
