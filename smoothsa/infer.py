@@ -240,7 +240,12 @@ def load_model(preset, ckpt: str, backbone_weights: str | None, device: str) -> 
     if backbone_weights == "random":
         raise ValueError("--backbone-weights random makes no sense for inference; give PATH or auto, or leave it out")
     model = build_model(preset.model)
-    state = read_checkpoint(ckpt)
+    try:
+        state = read_checkpoint(ckpt)
+    except (FileNotFoundError, TypeError):
+        raise
+    except Exception as error:  # a truncated zip, an unpickling error: not a checkpoint
+        raise ValueError(f"{ckpt}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     has_backbone = any(_BACKBONE_KEY.search(k) for k in state)
     banner = f"backbone weights: from the checkpoint {Path(ckpt).name}"
     if preset.model.backbone == "dinov2" and not has_backbone:

@@ -1,4 +1,5 @@
 """`python -m smoothsa.infer` and `segment`: tiny models with random weights, saved by the tests."""
+import hashlib
 import json
 import sys
 
@@ -181,3 +182,24 @@ def test_video_files_without_pyav_name_the_extra(tmp_path, monkeypatch, capsys):
         run("--preset", "smoothsav_r-ytvis", "--ckpt", ckpt, tmp_path / "clip.mp4", "--out", tmp_path / "o",
             *[x for s in VIDEO_SET for x in ("--set", s)])
     assert exit_.value.code == 2 and 'pip install -e ".[video]"' in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_backbone_takes_backbone_weights(tmp_path):
+    """A head-only checkpoint (built with backbone=False) runs with --backbone-weights; the banner names them."""
+    torch.manual_seed(0)
+    full = build_model("smoothsa_r-coco")
+    with torch.no_grad():
+        for parameter in full.encode_backbone.parameters():
+            parameter.normal_(0, 0.02)
+    torch.save(official_state_dict(full), tmp_path / "backbone.pth")
+    head = build_model("smoothsa_r-coco", backbone=False)
+    head.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("encode_backbone")})
+    torch.save(official_state_dict(head), tmp_path / "head.pth")
+    Image.fromarray(picture(20, 30, 0)).save(tmp_path / "x.png")
+    summary = run("--preset", "smoothsa_r-coco", "--ckpt", tmp_path / "head.pth", tmp_path / "x.png",
+                  "--backbone-weights", tmp_path / "backbone.pth", "--out", tmp_path / "out")
+    digest = hashlib.sha256((tmp_path / "backbone.pth").read_bytes()).hexdigest()[:12]
+    assert summary["backbone"] == f"backbone weights: backbone.pth (sha256 {digest})"
+    slots = np.load(tmp_path / "out" / "x.slots.npy")
+    direct = segment(full, picture(20, 30, 0)[None], seed=[derive_seed(0, 0)])
+    np.testing.assert_allclose(slots, direct.slots[0].numpy(), rtol=1e-4, atol=1e-5)
