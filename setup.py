@@ -18,6 +18,7 @@ setup(
         "movi": ["tensorflow", "tensorflow-datasets"],
         # the YTVIS converter rasterises polygon masks with pycocotools, as the official one does
         "convert": ["pycocotools"],
+        "video": ["av"],  # PyAV: video files for `smoothsa.infer` and `convert folder --video`
         "test": ["pytest", "pytest-benchmark", "triton"],
     },
 )

@@ -7,13 +7,16 @@
         batch["image"]    # (B, 3, 256, 256) float32, normalised
         batch["segment"]  # (B, 256, 256, C) bool, channel last, padded with False
 
-Modules: `records` (LMDB access, safe unpickling, strict PNG decoding, atomic writer), `datasets` (readers
-and their registry `DATASETS`), `transforms` (crop / resize / flip / normalise, collate), `epochs` (loader
+Modules: `records` (LMDB access, safe unpickling, strict PNG decoding, atomic writer), `datasets` (readers),
+`registry` (`DATASETS`, `open_dataset`), `transforms` (crop / resize / flip / normalise, collate), `epochs` (loader
 options, epoch order, worker seeding, resume), `loader` (torch and DALI loaders), `dali` (optional DALI
-pipeline), `synthetic` (synthetic scenes in the official layout), `convert` (original layouts -> LMDB).
+pipeline), `synthetic` (synthetic scenes in the official layout), `convert` (original layouts -> LMDB), `folder`
+(your own unlabelled images and videos).
 """
 
-from .datasets import COCO, DATASETS, MOVi, VOC, YTVIS, ClevrTex, Encoded, LmdbDataset, open_dataset
+from .datasets import COCO, MOVi, VOC, YTVIS, ClevrTex, Encoded, LmdbDataset
+from .folder import FolderImages, FolderVideos
+from .registry import DATASETS, open_dataset
 from .epochs import BACKENDS, EpochLoader, LoaderOptions, epoch_order
 from .loader import TorchLoader, make_loader
 from .records import LmdbRecords, LmdbWriter, RecordError, write_records
@@ -38,6 +41,8 @@ __all__ = [
     "CropWindow",
     "Encoded",
     "EpochLoader",
+    "FolderImages",
+    "FolderVideos",
     "LmdbDataset",
     "LmdbRecords",
     "LmdbWriter",

@@ -5,6 +5,7 @@
     python -m smoothsa.dataio.convert voc      --src /data/raw/VOCdevkit --dst data/voc
     python -m smoothsa.dataio.convert movi     --src /data/raw/tfds     --dst data/movi_c --name movi_c
     python -m smoothsa.dataio.convert ytvis    --src /data/raw/ytvis_hq --dst data/ytvis_hq --variant hq
+    python -m smoothsa.dataio.convert folder   --src my_images/ --dst data/mine [--video] [--val-fraction 0.05]
 
 Expected inputs (`--src`):
 * clevrtex: `clevrtex_full/<0..49>/` (train) and `clevrtex_outd/` (val, the OOD set); per scene
@@ -17,6 +18,8 @@ Expected inputs (`--src`):
   `{train,valid,test}/JPEGImages/` + `train/instances.json`, `valid/gt.json`, `test/test_gt.json`.
   Override with `--split NAME=ANNOTATIONS.json[:FRAMES_DIR]`. Polygon masks are rasterised by
   pycocotools, as the official converter does: pip install 'smoothsa[convert]'.
+* folder: any folder of images (recursive), or with `--video` of video files and frame folders; no labels
+  (see `dataio/folder.py`); train with `--set data.dataset=folder` (`folder_video`).
 
 Every split is written to `<dst>/<split>.lmdb` atomically (see `records.LmdbWriter`). A split whose
 inputs are missing is skipped with a note on stderr; finding no split at all is an error (exit 2).
@@ -473,7 +476,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 2)[2],
     )
-    parser.add_argument("dataset", choices=["clevrtex", "coco", "voc", "movi", "ytvis"])
+    parser.add_argument("dataset", choices=["clevrtex", "coco", "voc", "movi", "ytvis", "folder"])
     parser.add_argument("--src", type=Path, required=True, help="folder of the original dataset")
     parser.add_argument("--dst", type=Path, required=True, help="output folder; writes <dst>/<split>.lmdb")
     parser.add_argument("--limit", type=int, default=None, help="convert only the first N samples per split")
@@ -482,6 +485,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument(
         "--split", type=_split_override, action="append", help="ytvis: NAME=ANNOTATIONS.json[:FRAMES_DIR]"
     )
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="folder: share of the inputs put in val")
+    parser.add_argument("--video", action="store_true", help="folder: videos (files or frame folders), not images")
     args = parser.parse_args(argv)
     if not args.src.exists():
         parser.error(f"--src {args.src} does not exist")
@@ -493,6 +498,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "ytvis": lambda: convert_ytvis(
             args.src, args.dst, args.variant, dict(args.split) if args.split else None, args.limit
         ),
+        "folder": lambda: _convert_folder(parser, args),
     }
     try:
         written = converters[args.dataset]()
@@ -501,6 +507,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for path in written:
         print(path)
     return written
+
+
+def _convert_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Path]:
+    from .folder import convert_folder
+
+    try:
+        return convert_folder(args.src, args.dst, args.val_fraction, args.video)
+    except (ValueError, ImportError) as error:
+        parser.exit(2, f"error: {error}\n")
 
 
 if __name__ == "__main__":

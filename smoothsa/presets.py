@@ -66,14 +66,16 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """dataset: "clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq" or "synthetic".
+    """dataset: "clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq", "synthetic", or "folder" /
+    "folder_video" (your own unlabelled images or videos, `smoothsa.dataio.folder`).
     clip_len: training clip length (video). repeat_long: YTVIS lists a video len//30 times when longer (0 off).
     with_bbox / with_clazz: load boxes and classes (recognition, MOVi conditioning).
     coco_mode: COCO ground truth, "instance" (stuff merged into one background channel first, then the things:
     the official default, which no official config changes) or "panoptic" (every segment its own channel)."""
 
     dataset: Literal[
-        "clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq", "synthetic", "synthetic_video"
+        "clevrtex", "coco", "voc", "movi_c", "movi_d", "movi_e", "ytvis", "ytvis_hq", "synthetic", "synthetic_video",
+        "folder", "folder_video",
     ] = "coco"
     clip_len: int | None = None
     repeat_long: int = 0

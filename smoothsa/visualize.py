@@ -1,7 +1,8 @@
 """Pictures of what the slots found: PNG grids for images, animated GIFs for videos (Pillow only).
 
 Each row of a grid is one sample: the image, the ground-truth segments, the predicted segments (both as
-colour overlays), then one tile per slot: the pixels the slot wins, the rest dimmed.
+colour overlays), then one tile per slot: the pixels the slot wins, the rest dimmed. `segmentation_picture`
+draws one input of any size without ground truth (what `smoothsa.infer` writes), with a legend.
 
 Shapes: B batch, T frames, H×W image, C ground-truth channels, S slots.
 """
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # ImageNet statistics on the 0–255 scale, as the data pipeline normalises (docs/official.md §2.1).
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
@@ -79,4 +80,54 @@ def save_video_gif(path: str | Path, video, true, pred, most: int = 4, frame_ms:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return path
+
+
+LEGEND_HEIGHT = 18
+
+
+def _legend(width: int, label: str, colour: tuple[int, int, int] | None) -> Image.Image:
+    """A strip under one tile: a colour swatch (when given) and a label."""
+    strip = Image.new("RGB", (width, LEGEND_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    x = 3
+    if colour is not None:
+        draw.rectangle([x, 4, x + 9, 13], fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
+        x += 14
+    draw.text((x, 3), label, fill=(0, 0, 0))
+    return strip
+
+
+def segmentation_picture(rgb: np.ndarray, masks: np.ndarray, num_slots: int, height: int = 256) -> np.ndarray:
+    """image | predicted segments | one tile per slot, each with a legend (slot colour, share of the pixels).
+
+    rgb (H, W, 3) uint8 and masks (H, W) uint8 slot indices, shown at `height` pixels tall (aspect kept) →
+    (height + LEGEND_HEIGHT, (2 + S)·w, 3) uint8.
+    """
+    h, w = masks.shape
+    width = max(1, round(w * height / h))
+    shown = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+    index = np.asarray(Image.fromarray(masks).resize((width, height), Image.NEAREST))
+    one_hot = torch.tensor(index).long()[..., None] == torch.arange(num_slots)  # (height, width, S)
+    tiles = [shown, overlay(shown, one_hot)] + slot_tiles(shown, one_hot)
+    areas = np.bincount(masks.reshape(-1), minlength=num_slots) / masks.size
+    colours = palette(num_slots)
+    labels = [("input", None), ("segments", None)] + [(f"slot {s}: {areas[s]:.0%}", colours[s]) for s in range(num_slots)]
+    legends = [np.asarray(_legend(width, label, colour)) for label, colour in labels]
+    return np.concatenate([np.concatenate([t, l], axis=0) for t, l in zip(tiles, legends)], axis=1)
+
+
+def save_segmentation_png(path: str | Path, rgb: np.ndarray, masks: np.ndarray, num_slots: int) -> Path:
+    """`segmentation_picture` of one image as a PNG."""
+    path = Path(path)
+    Image.fromarray(segmentation_picture(rgb, masks, num_slots)).save(path)
+    return path
+
+
+def save_segmentation_gif(path: str | Path, frames: np.ndarray, masks: np.ndarray, num_slots: int,
+                          frame_ms: int = 200) -> Path:
+    """`segmentation_picture` of every frame as an animated GIF. frames (T, H, W, 3), masks (T, H, W) uint8."""
+    path = Path(path)
+    pictures = [Image.fromarray(segmentation_picture(f, m, num_slots)) for f, m in zip(frames, masks)]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=frame_ms, loop=0)
     return path

@@ -425,7 +425,7 @@ def test_loader_options_are_checked():
 
 
 def test_open_dataset_registry(tmp_path):
-    from smoothsa.dataio.datasets import DATASETS, open_dataset
+    from smoothsa.dataio.registry import DATASETS, open_dataset
 
     record, _ = coco_sample()
     path = write_official(tmp_path / "train.lmdb", [record])
