@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-# ImageNet statistics on the 0–255 scale, as the data pipeline normalises (SPEC §2.1).
+# ImageNet statistics on the 0–255 scale, as the data pipeline normalises (docs/official.md §2.1).
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
@@ -59,12 +59,18 @@ def sample_row(image: torch.Tensor, true: torch.Tensor | None, pred: torch.Tenso
     return np.concatenate(tiles, axis=1)
 
 
-def save_image_grid(path: str | Path, images, true, pred, most: int = 8) -> Path:
-    """PNG grid of up to `most` samples. images (B, 3, H, W); true (B, H, W, C) or None; pred (B, H, W, S)."""
+def grid_array(images, true, pred, most: int = 8) -> np.ndarray:
+    """One row per sample (up to `most`): images (B, 3, H, W); true (B, H, W, C) or None; pred (B, H, W, S)
+    → (rows·H, W·(3 + S), 3) uint8."""
     rows = [sample_row(images[b], None if true is None else true[b], pred[b]) for b in range(min(most, len(images)))]
+    return np.concatenate(rows, axis=0)
+
+
+def save_image_grid(path: str | Path, images, true, pred, most: int = 8) -> Path:
+    """PNG grid of up to `most` samples (see `grid_array`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    Image.fromarray(grid_array(images, true, pred, most)).save(path)
     return path
 
 
