@@ -24,7 +24,9 @@ def loader_for(preset: Preset, data, split: str, batch_size: int, training: bool
                backend: str = "torch", seed: int = 0, rank: int = 0, world_size: int = 1,
                device: torch.device | None = None):
     """The loader of one split of `data` for this process (training: shuffled, augmented, last batch dropped)."""
-    device_id = device.index if device is not None and device.type == "cuda" else None
+    device_id = None
+    if device is not None and device.type == "cuda":
+        device_id = device.index if device.index is not None else torch.cuda.current_device()
     return build_loader(preset, data, split, training, batch_size, workers, backend, seed, rank, world_size, device_id)
 
 

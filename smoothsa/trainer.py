@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ from tqdm import tqdm
 from smoothsa import schedules, visualize
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official, official_state_dict
-from smoothsa.evaluation import Evaluation, autocast, evaluate, to_device
+from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset, preset_to_dict
-from smoothsa.state import atomic_save, rng_state, save_checkpoint, set_rng_state
+from smoothsa.state import atomic_save, load_training_state, rng_state, save_checkpoint, set_rng_state
 from smoothsa.tasks import task_for
 
 
@@ -40,6 +41,7 @@ class RunOptions:
 
     amp: "fp16" (with a GradScaler), "bf16" or "none"; "auto" = fp16 on CUDA, none on CPU.
     compile: torch.compile the model; None = on for CUDA, off for CPU.
+    compile_mode: torch.compile's mode; "reduce-overhead" records CUDA graphs (each step then starts a new one).
     backend: data loader, "torch" or "dali".
     workers: loader workers (DALI: threads) per process.
     max_bad_steps: consecutive non-finite losses tolerated before stopping (checked when the loop logs).
@@ -50,6 +52,7 @@ class RunOptions:
 
     amp: str = "auto"
     compile: bool | None = None
+    compile_mode: str = "default"
     backend: str = "torch"
     workers: int = 4
     max_bad_steps: int = 20
@@ -203,9 +206,11 @@ class Trainer:
         net = self.model
         if self.dist.world_size > 1:
             net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        self.net = torch.compile(net) if self.use_compile else net
+        mode = options.compile_mode
+        self.net = torch.compile(net, mode=mode) if self.use_compile else net
         # Validation runs the model without the DDP wrapper: processes may score different numbers of batches.
-        self.eval_net = torch.compile(self.model) if self.use_compile else self.model
+        self.eval_net = torch.compile(self.model, mode=mode) if self.use_compile else self.model
+        self.cudagraphs = self.use_compile and mode == "reduce-overhead"
 
         self.out: Path | None = None
         self.after_step: list[Callable[["Trainer"], None]] = []
@@ -238,6 +243,8 @@ class Trainer:
         tensors). A step whose loss or gradients are not finite, or whose batch the task finds invalid, leaves
         the weights and Adam's state as they were; it still counts as a step (as the official GradScaler skip)."""
         optim = self.preset.optim
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         lr = schedules.linear_warmup_cosine(self.step_count, optim.total_steps, optim.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -438,3 +445,36 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
+def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions | None = None, resume: bool = False,
+          discovery_ckpt: str | Path | None = None, device: str | None = None) -> Trainer:
+    """Trains `preset` on the LMDB splits in `data`, writing into `out`; returns the trainer (its `results`
+    are the last validation's, `finished` says whether it reached the last step)."""
+    options = options or RunOptions()
+    out = Path(out)
+    trainer = Trainer(preset, options, device)
+    if resume:
+        trainer.load_state_dict(load_training_state(out / "state.pt"))
+    else:
+        trainer.load_initial_weights(discovery=discovery_ckpt)
+    if trainer.dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(trainer.config(), indent=2))
+    optim, dist = preset.optim, trainer.dist
+
+    def loader(split: str, batch_size: int):
+        return loader_for(preset, data, split, batch_size, split == "train", options.workers, options.backend,
+                          optim.seed, dist.rank, dist.world_size, trainer.device)
+
+    train_loader, val_loader = loader("train", optim.batch_size), loader("val", optim.val_batch_size)
+
+    def request_stop(signum, frame):
+        trainer.stop_reason = f"signal {signum}"
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        trainer.fit(train_loader, val_loader, out)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        dist.close()
+    return trainer
