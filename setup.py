@@ -16,6 +16,7 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "xformers": ["xformers"],
         "movi": ["tensorflow", "tensorflow-datasets"],
+        "tensorboard": ["tensorboard"],
         "test": ["pytest", "pytest-benchmark", "triton"],
     },
 )

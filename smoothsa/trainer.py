@@ -458,7 +458,7 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
         trainer.load_initial_weights(discovery=discovery_ckpt)
     if trainer.dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(trainer.config(), indent=2))
+        atomic_write_text(out / "config.json", json.dumps(trainer.config(), indent=2))
     optim, dist = preset.optim, trainer.dist
 
     def loader(split: str, batch_size: int):

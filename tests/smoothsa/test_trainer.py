@@ -171,3 +171,71 @@ def test_state_dict_round_trip_continues_identically():
     second.step(batch)
     for (key, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+FIT = TINY + ["data.dataset=synthetic", "optim.batch_size=4", "optim.val_batch_size=8", "optim.total_steps=8",
+              "optim.validations=2"]
+
+
+def _fit(data, out, clock=None, **options):
+    from smoothsa.evaluation import loader_for
+
+    preset = apply_overrides(get_preset("smoothsa_r-coco"), FIT)
+    trainer = Trainer(preset, RunOptions(amp="none", compile=False, workers=0, **options), device="cpu")
+    if clock is not None:
+        trainer.clock = clock
+    return trainer, lambda: trainer.fit(loader_for(preset, data, "train", 4, True), loader_for(preset, data, "val", 8, False), out)
+
+
+def test_images_per_s_counts_training_time_only(data, tmp_path):
+    """With a clock that moves 1 s per step and 1000 s per validation, 4 images a step read 4 images/s."""
+    import csv
+
+    now = [0.0]
+    trainer, fit = _fit(data, tmp_path, clock=lambda: now[0], log_every=2)
+    step, validate = trainer.step, trainer.validate
+
+    def timed_step(batch):
+        now[0] += 1.0
+        return step(batch)
+
+    def slow_validate(loader, keep_first=False):
+        now[0] += 1000.0
+        return validate(loader, keep_first)
+
+    trainer.step, trainer.validate = timed_step, slow_validate
+    fit()
+    with open(tmp_path / "log.csv") as f:
+        rates = [float(row["value"]) for row in csv.DictReader(f) if row["name"] == "images_per_s"]
+    assert rates == [4.0] * 4
+
+
+def test_tensorboard_gets_the_scalars_and_the_slot_picture(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, fit = _fit(data, tmp_path)
+    fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert {"train/loss", "train/images_per_s", "val/ari_fg", "val/loss_recon"} <= set(events.Tags()["scalars"])
+    pictures = events.Images("val/slots")
+    assert [p.step for p in pictures] == [4, 8]
+    # 8 samples of 32×32 pixels: image, truth, prediction and one tile per slot (4).
+    assert (pictures[0].height, pictures[0].width) == (8 * 32, (3 + 4) * 32)
+
+
+def test_device_cuda_means_the_local_rank_gpu(monkeypatch):
+    from smoothsa.trainer import Distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is available here; use --device cpu"):
+        Distributed("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert Distributed("cuda").device == torch.device("cuda", 1)
+    assert Distributed(None).device == torch.device("cuda", 1)
+    assert Distributed("cuda:0").device == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        Distributed("cuda:2")
