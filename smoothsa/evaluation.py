@@ -102,7 +102,7 @@ class Evaluation:
     first: tuple | None
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, task: Task, loader, device: torch.device, seed: int,
              official_compat: bool = False, amp: str = "none", with_losses: bool = False,
              keep_first: bool = False) -> Evaluation:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from smoothsa import losses, metrics
 from smoothsa.checkpoint import load_official
 from smoothsa.presets import Preset, get_preset
+from smoothsa.recognition import ObjDiscovRecogn
 
 
 class Task:
@@ -129,8 +130,8 @@ class Spot(ImageDiscovery):
 class Recognition(Task):
     """A probe on a frozen discovery model: slots matched to objects, class cross-entropy and box L1.
 
-    Metrics are per matched object: `top1`, `top3`, `iou` of shape (B·[T], R) with NaN where no slot matched
-    the object, and `num`, the matched objects of the split.
+    Metrics are per object: `top1`, `top3`, `iou` of shape (B, [T·]R), NaN where no slot matched the object
+    (so the split's mean is over matched objects, docs/official.md §7.3), and `num`, the matched objects.
     """
 
     counts = {"num": "top1"}
@@ -159,12 +160,15 @@ class Recognition(Task):
         return torch.full((), out.class_logits.shape[0] > 0, device=out.class_logits.device)
 
     def set_official_compat(self, model: nn.Module, official_compat: bool) -> None:
-        model.official_compat = official_compat
+        for module in model.modules():  # through DDP and torch.compile wrappers
+            if isinstance(module, ObjDiscovRecogn):
+                module.official_compat = official_compat
 
     def load_initial_weights(self, model: nn.Module, name: str, path) -> None:
-        if name != "discovery":
+        if name == "discovery":
+            load_official(model.discov, path)
+        else:
             super().load_initial_weights(model, name, path)
-        load_official(model.discov, path)
 
     @torch.no_grad()
     def metrics(self, out, batch: dict, official_compat: bool) -> dict[str, torch.Tensor]:
