@@ -31,6 +31,7 @@ from smoothsa.checkpoint import load_official, official_state_dict
 from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset, preset_to_dict
+from smoothsa.slot_attention import SlotAttention
 from smoothsa.state import atomic_save, load_training_state, rng_state, save_checkpoint, set_rng_state
 from smoothsa.tasks import task_for
 
@@ -363,7 +364,7 @@ class Trainer:
         val_interval = max(1, total // optim.validations)
         logger = Logger(self.out, main)
         if main:
-            fused = getattr(self.model, "discov", self.model).aggregat.fused
+            fused = any(m.fused for m in self.model.modules() if isinstance(m, SlotAttention))
             print(f"{self.preset.name}: {total} steps, batch {optim.batch_size} per process × {self.dist.world_size} = "
                   f"{optim.batch_size * self.dist.world_size} global, device {self.device}, amp {self.amp}, "
                   f"compile {self.use_compile}, fused kernels {fused}", flush=True)

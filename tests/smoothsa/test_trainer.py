@@ -239,3 +239,29 @@ def test_device_cuda_means_the_local_rank_gpu(monkeypatch):
     assert Distributed("cuda:0").device == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="has 2 CUDA device"):
         Distributed("cuda:2")
+
+
+def test_a_stop_requested_by_an_after_step_hook_saves_a_state_that_resumes_to_the_same_weights(data, tmp_path):
+    from smoothsa.checkpoint import read_checkpoint
+    from smoothsa.state import load_training_state
+
+    _, whole = _fit(data, tmp_path / "whole")
+    whole()
+    stopped, fit = _fit(data, tmp_path / "stopped")
+    calls = []
+
+    def stop_at_3(trainer):
+        calls.append(trainer.step_count)
+        if trainer.step_count == 3:
+            trainer.stop_reason = "test"
+
+    stopped.after_step.append(stop_at_3)
+    fit()
+    assert calls == [1, 2, 3] and not stopped.finished and not (tmp_path / "stopped" / "last.pth").exists()
+    resumed, fit = _fit(data, tmp_path / "stopped")
+    resumed.load_state_dict(load_training_state(tmp_path / "stopped" / "state.pt"))
+    assert (resumed.step_count, resumed.epoch, resumed.batch_in_epoch) == (3, 0, 3)
+    fit()
+    assert resumed.finished
+    expected, again = read_checkpoint(tmp_path / "whole" / "last.pth"), read_checkpoint(tmp_path / "stopped" / "last.pth")
+    assert expected.keys() == again.keys() and all(torch.equal(expected[k], again[k]) for k in expected)
