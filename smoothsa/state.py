@@ -25,6 +25,18 @@ def atomic_save(obj, path: str | Path) -> Path:
     return path
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Writes a small text file atomically (tmp + fsync + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
     """The model in the official key layout (`m.…`), readable by the official eval.py and by ours."""
     return atomic_save({k: v.detach().cpu() for k, v in official_state_dict(model).items()}, path)

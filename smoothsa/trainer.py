@@ -32,7 +32,7 @@ from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_d
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset, preset_to_dict
 from smoothsa.slot_attention import SlotAttention
-from smoothsa.state import atomic_save, load_training_state, rng_state, save_checkpoint, set_rng_state
+from smoothsa.state import atomic_save, atomic_write_text, load_training_state, rng_state, save_checkpoint, set_rng_state
 from smoothsa.tasks import task_for
 
 
@@ -433,17 +433,6 @@ class Trainer:
         if step >= self.preset.optim.total_steps / 2:
             self.save_checkpoint(f"ckpt-{step:07d}.pth")
         self.save_state()
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Writes a small text file atomically (tmp + fsync + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions | None = None, resume: bool = False,
