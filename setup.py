@@ -19,6 +19,7 @@ setup(
         # the YTVIS converter rasterises polygon masks with pycocotools, as the official one does
         "convert": ["pycocotools"],
         "video": ["av"],  # PyAV: video files for `smoothsa.infer` and `convert folder --video`
+        "tensorboard": ["tensorboard"],
         "test": ["pytest", "pytest-benchmark", "triton"],
     },
 )

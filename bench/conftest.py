@@ -32,10 +32,9 @@ if not CUDA:
     # another process holds a core, because every parallel region waits for its slowest thread.
     torch.set_num_threads(1)
 
-from smoothsa import schedules  # noqa: E402  (after TRITON_INTERPRET)
+from smoothsa.evaluation import autocast  # noqa: E402  (after TRITON_INTERPRET)
 from smoothsa.presets import Preset, get_preset  # noqa: E402
-from smoothsa.steps import forward_losses  # noqa: E402
-from smoothsa.train import autocast, clip_gradients, set_detach_flag  # noqa: E402
+from smoothsa.trainer import RunOptions, Trainer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -225,51 +224,33 @@ def _version(module: str) -> str | None:
 
 
 class TrainingStep:
-    """One optimiser step as `smoothsa.train.train` runs it: lr → forward and losses under autocast → sum →
-    scaled backward → unscale → clip → step → scaler update → `zero_grad(set_to_none=True)`.
-
-    The schedules are frozen at the middle of training (lr past its warm-up, `detach_flag` off, so the preheat
-    loss reaches `encode_project` as in 90 % of the steps).
+    """`smoothsa.trainer.Trainer.step` (the step `smoothsa.train` runs) with its schedules frozen at the middle of
+    training (lr past its warm-up, `detach_flag` off, so the preheat loss reaches `encode_project` as in 90 % of
+    the steps).
 
     Args:
-        model: the model (its parameters are optimised; `detach_flag` is set on it).
-        net: what the forward runs: `model` or `torch.compile(model, ...)`.
-        preset: the preset (losses, optimiser settings).
-        amp: "none" or "fp16" (with a GradScaler) or "bf16", as `smoothsa.train.RunOptions.amp`.
-        cudagraphs: `net` was compiled with mode="reduce-overhead": each call starts a new CUDA-graph step.
+        preset: the preset (model, losses, optimiser settings).
+        amp: "none" or "fp16" (with a GradScaler) or "bf16", as `smoothsa.trainer.RunOptions.amp`.
+        compile_mode: None: eager; else torch.compile's mode ("reduce-overhead": CUDA graphs).
+
+    `model` is the trained model; `check()` fails if a timed step was skipped as non-finite (it would time
+    skipped updates), reading the counter once, after the timing.
     """
 
-    def __init__(self, model, net, preset: Preset, amp: str, cudagraphs: bool = False):
-        self.net = net
-        self.preset = preset
-        self.amp = amp
-        self.cudagraphs = cudagraphs
-        optim = preset.optim
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.parameters, lr=optim.lr)
-        self.scaler = torch.amp.GradScaler(DEVICE.type, enabled=amp == "fp16")
-        middle = optim.total_steps // 2
-        self.lr = schedules.linear_warmup_cosine(middle, optim.total_steps, optim.lr)
-        set_detach_flag(model, schedules.detach_flag(middle, optim.total_steps))
-        model.train()
+    def __init__(self, preset: Preset, amp: str, compile_mode: str | None = None):
+        options = RunOptions(amp=amp, compile=compile_mode is not None, compile_mode=compile_mode or "default")
+        self.trainer = Trainer(preset, options, DEVICE)
+        self.model = self.trainer.model
+        self.middle = preset.optim.total_steps // 2
 
     def __call__(self, batch: dict) -> None:
-        if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        with autocast(DEVICE, self.amp):
-            _, terms = forward_losses(self.net, batch, self.preset)
-        loss = sum(terms.values())
-        # Sync point, as in train.py: the loop checks one scalar per step before the backward.
-        if not torch.isfinite(loss).item():
-            raise FloatingPointError(f"non-finite loss {float(loss)}: the benchmark would time skipped steps")
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        clip_gradients(self.parameters, self.preset.optim)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.trainer.step_count = self.middle
+        self.trainer.step(batch)
+
+    def check(self) -> None:
+        skipped = int(self.trainer.bad_steps)
+        if skipped:
+            raise FloatingPointError(f"{skipped} timed steps had a non-finite loss: the benchmark timed skipped steps")
 
 
 @pytest.fixture(scope="session")

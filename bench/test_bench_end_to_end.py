@@ -1,10 +1,10 @@
 """End-to-end training throughput with the real data path: LMDB → decode → augment → collate → host-to-device
 → training step, torch DataLoader vs DALI, on a synthetic COCO-like LMDB (480×640 JPEGs, written once per session).
 
-A timed round is one epoch of `smoothsa_r-coco` training steps (`TrainingStep` in conftest: the loop of
-`smoothsa.train`, which syncs once per step on the loss). On CUDA the model runs as `smoothsa.train` runs it by
-default (fused kernels, fp16 autocast, torch.compile; compiled in the warm-up epoch) at B = 32; on the CPU it is the
-small eager fp32 model of the smoke sizes. `extra_info` records images/s and how long the loop was blocked in
+A timed round is one epoch of `smoothsa_r-coco` training steps (`TrainingStep` in conftest: `Trainer.step`, which
+reads nothing on the host). On CUDA the model runs as `smoothsa.train` runs it by default (fused kernels, fp16
+autocast, torch.compile; compiled in the warm-up epoch) at B = 32; on the CPU it is the small eager fp32 model of
+the smoke sizes. `extra_info` records images/s and how long the loop was blocked in
 `next(loader)`:
 
     loader_wait_fraction         time blocked in next() / epoch time (a stall shows here)
@@ -22,10 +22,8 @@ import time
 import pytest
 import torch
 
-from smoothsa import build_model
-from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.dataio import write_synthetic
-from smoothsa.train import to_device
+from smoothsa.evaluation import loader_for
 
 DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 CUDA = torch.cuda.is_available()
@@ -49,14 +47,9 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
     workload = e2e.workload
     preset = workload.config(fused=CUDA)
     amp = "fp16" if CUDA else "none"
-    torch.manual_seed(0)
-    model = build_model(preset.model).to(device)
-    net = torch.compile(model) if CUDA else model
-    step = training_step(model, net, preset, amp)
-    loader = build_loader(preset, coco_like, "train", LoaderOptions(
-        batch_size=workload.batch, workers=e2e.workers, backend=backend, seed=0,
-        device_id=(device.index or 0) if CUDA and backend == "dali" else None,
-    ))  # fmt: skip
+    step = training_step(preset, amp, "default" if CUDA else None)
+    loader = loader_for(preset, coco_like, "train", workload.batch, True, e2e.workers, backend, seed=0,
+                        device=device if backend == "dali" else None)
     epochs = []  # (blocked in next(), of which the first batch, epoch time, steps), one per round
 
     def epoch():
@@ -72,7 +65,7 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
                 break
             blocked += waited
             first = first or waited
-            step(to_device(batch, device))
+            step(batch)  # the step moves the batch to the device
             steps += 1
         sync()
         epochs.append((blocked, first, time.perf_counter() - start, steps))
@@ -81,6 +74,7 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
     benchmark.pedantic(
         epoch, setup=record.peak_memory_setup(e2e.warmup_rounds), rounds=e2e.rounds, warmup_rounds=e2e.warmup_rounds
     )
+    step.check()
     timed = epochs[-e2e.rounds :]
     steps = timed[-1][3]
     assert steps == e2e.images // workload.batch, f"an epoch ran {steps} steps, expected {e2e.images // workload.batch}"

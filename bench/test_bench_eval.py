@@ -1,6 +1,6 @@
 """Evaluation throughput: the model in eval mode under `inference_mode` plus the discovery metrics (ARI, ARI-fg,
-mBO, mIoU from the decoder attention, `smoothsa.steps.discovery_metrics`), per validation batch, as
-`smoothsa.eval.evaluate` runs it without the data loader.
+mBO, mIoU from the decoder attention, `smoothsa.tasks` `metrics`), per validation batch, as
+`smoothsa.evaluation.evaluate` runs it without the data loader.
 
 Groups: smoothsa_r-coco (B = 32 images on CUDA) and smoothsav_c-movi_c (B = 8 whole 24-frame videos, S = 11, as
 MOVi validation runs them). Rows: eager reference in fp32 and under fp16 autocast, then (CUDA only) the fused
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from smoothsa import build_model
-from smoothsa.steps import discovery_metrics, model_inputs
-from smoothsa.train import autocast
+from smoothsa.evaluation import autocast
+from smoothsa.tasks import task_for
 
 SEGMENT_CHANNELS = 8  # ground-truth masks per image: a typical COCO count after the crop
 
@@ -52,13 +52,13 @@ def test_bench_eval(benchmark, record, sizes, device, sync, check_fused, preset_
         check_fused(model, workload, preset)
     net = torch.compile(model) if variant.compile else model
     batch = workload.make_batch(device, segment_channels=SEGMENT_CHANNELS)
-    pixels, condit = model_inputs(batch, preset)
+    task = task_for(preset)
 
     def run():
         with torch.inference_mode():
             with autocast(device, variant.amp):
-                out = net(pixels, condit)
-            scores = discovery_metrics(out, batch["segment"])  # outside autocast, as in evaluate()
+                out = task.forward(net, batch)
+            scores = task.metrics(out, batch, official_compat=False)  # outside autocast, as in evaluate()
         sync()
         return scores
 

@@ -1,7 +1,7 @@
 """Full training step throughput (forward, losses, scaled backward, clipping, Adam), backbone included.
 
 Each group is one preset (`smoothsa_r-coco`: images; `smoothsav_c-movi_c`: 6-frame clips, S = 11 boxes) and its
-rows are five ways to run the same step, exactly as `smoothsa.train` runs it (see `TrainingStep` in conftest):
+rows are five ways to run the same step, `smoothsa.trainer.Trainer.step` (see `TrainingStep` in conftest):
 
     (a) eager-fp32             reference PyTorch slot attention (fused=False), float32
     (b) eager-fp16             (a) under fp16 autocast with a GradScaler (the official setting)
@@ -32,8 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from smoothsa import build_model
 from smoothsa.presets import ModelConfig, get_preset
-from smoothsa.steps import forward_losses
-from smoothsa.train import set_detach_flag
+from smoothsa.tasks import task_for
+from smoothsa.trainer import set_detach_flag
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model FLOPs, from the shapes. A matmul (M×K)·(K×N) costs 2·M·K·N; norms, softmax, GELU, GRU gates and the losses
@@ -143,8 +143,9 @@ def test_flop_formula_matches_flop_counter(preset, frames, slots, backbone):
         batch = {"image": torch.randn(1, 3, 256, 256)}
     else:
         batch = {"video": torch.randn(1, frames, 3, 256, 256), "bbox": torch.rand(1, frames, slots, 4)}
+    task = task_for(config)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
-        _, terms = forward_losses(model, batch, config)
+        terms = task.losses(task.forward(model, batch), batch)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as backward:
         sum(terms.values()).backward()
     counted_forward = forward.get_total_flops() / (frames or 1)
@@ -192,16 +193,12 @@ def test_bench_train_step(benchmark, record, sizes, device, sync, training_step,
         pytest.skip(f"{variant.name}: fused kernels are timed on CUDA only (on CPU Triton's interpreter times Python)")
     workload = sizes.train[preset_name]
     preset = workload.config(fused=variant.fused)
-    torch.manual_seed(0)
-    model = build_model(preset.model).to(device)
-    if variant.fused:
-        check_fused(model, workload, preset)
-    net = model
     if variant.compile is not None:
         torch._dynamo.reset()  # each row compiles afresh, far from the recompile limit
         torch._dynamo.utils.counters.clear()
-        net = torch.compile(model, mode=variant.compile)
-    step = training_step(model, net, preset, variant.amp, cudagraphs=variant.compile == "reduce-overhead")
+    step = training_step(preset, variant.amp, variant.compile)
+    if variant.fused:
+        check_fused(step.model, workload, preset)
     batch = workload.make_batch(device)
 
     def run():
@@ -212,6 +209,7 @@ def test_bench_train_step(benchmark, record, sizes, device, sync, training_step,
     benchmark.pedantic(
         run, setup=record.peak_memory_setup(sizes.warmup_rounds), rounds=sizes.rounds, warmup_rounds=sizes.warmup_rounds
     )
+    step.check()
 
     flops_per_image = train_flops_per_image(preset.model, workload.slots, workload.frames)
     counters = torch._dynamo.utils.counters

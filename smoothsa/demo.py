@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from smoothsa.build import build_model
-from smoothsa.checkpoint import load_official
-from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.dataio import write_synthetic
+from smoothsa.eval import save_pictures
+from smoothsa.evaluation import loader_for
 from smoothsa.metrics import MetricAverager, ari, mbo, miou
 from smoothsa.presets import apply_overrides, get_preset
+from smoothsa.trainer import RunOptions, train
 
 TRAIN_IMAGES = 5000
 VAL_IMAGES = 256
@@ -48,7 +48,7 @@ def baseline_segments(kind: str, b: int, h: int, w: int) -> torch.Tensor:
 
 def baselines(preset, data: Path) -> dict:
     """ARI, ARI-fg, mBO, mIoU of the trivial predictions on the validation split."""
-    loader = build_loader(preset, data, "val", LoaderOptions(batch_size=preset.optim.val_batch_size))
+    loader = loader_for(preset, data, "val", preset.optim.val_batch_size, training=False)
     scores = {kind: MetricAverager() for kind in ("one_slot", "grid_3x3")}
     for batch in loader:
         segment = batch["segment"]  # (B, H, W, C)
@@ -61,27 +61,31 @@ def baselines(preset, data: Path) -> dict:
     return {kind: averager.compute() for kind, averager in scores.items()}
 
 
-def run_demo(args) -> dict:
-    from smoothsa.eval import evaluate
-    from smoothsa.train import RunOptions, train
-
-    out = Path(args.out or "runs/demo")
-    preset = apply_overrides(get_preset("demo"), args.overrides)
-    data = Path(args.data) if args.data else ensure_data(out / "data", preset.model.image_size)
+def run_demo(out: str | Path | None = None, data: str | Path | None = None, overrides: list[str] = (),
+             resume: bool = False, device: str | None = None, options: RunOptions | None = None) -> dict | None:
+    """Trains the demo preset (with `overrides`) into `out` (default runs/demo) on `data` (default: synthetic
+    scenes written into `out/data`), evaluates it and prints it against the baselines. Returns the summary
+    written to `out/eval/metrics.json`, or None when training was stopped before its last step."""
+    out = Path(out or "runs/demo")
+    preset = apply_overrides(get_preset("demo"), list(overrides))
+    data = Path(data) if data else ensure_data(out / "data", preset.model.image_size)
+    options = options or RunOptions(amp="none", compile=False, workers=0)
     start = time.perf_counter()
-    amp = "none" if args.amp == "auto" else args.amp
-    options = RunOptions(amp=amp, compile=bool(args.compile), backend=args.loader, workers=0 if args.workers is None else args.workers)
-    train(preset, data, out, options, resume=args.resume, device=args.device or "cpu")
+    trainer = train(preset, data, out, options, resume=resume, device=device or "cpu")
     trained = time.perf_counter() - start
-    model = load_official(build_model(preset.model), out / "last.pth")
-    results = evaluate(model, preset, data, out / "eval", seed=0, device=args.device or "cpu")
+    if not trainer.finished:
+        return None
+    evaluation = trainer.validate(loader_for(preset, data, "val", preset.optim.val_batch_size, False), keep_first=True)
+    # The same loop and seed as the final validation: the numbers training logged, now with the pictures.
+    metrics = {k: evaluation.results[k] for k in ("ari", "ari_fg", "mbo", "miou")}
+    save_pictures(out / "eval", trainer.task, *evaluation.first)
     reference = baselines(preset, data)
-    summary = {"val": results, "baselines": reference, "train_seconds": round(trained, 1),
+    summary = {"val": metrics, "baselines": reference, "train_seconds": round(trained, 1),
                "total_seconds": round(time.perf_counter() - start, 1)}
     (out / "eval" / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(f"\ntrained in {trained / 60:.1f} min; validation on {VAL_IMAGES} synthetic images:")
     print(f"  {'':10s} {'ARI':>6s} {'ARI-fg':>6s} {'mBO':>6s} {'mIoU':>6s}")
-    for name, row in [("SmoothSA", results)] + list(reference.items()):
+    for name, row in [("SmoothSA", metrics)] + list(reference.items()):
         print(f"  {name:10s} {row['ari']:6.3f} {row['ari_fg']:6.3f} {row['mbo']:6.3f} {row['miou']:6.3f}")
     print(f"pictures: {out / 'eval' / 'slots.png'}; metrics: {out / 'eval' / 'metrics.json'}")
     return summary

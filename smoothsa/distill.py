@@ -1,5 +1,5 @@
 """SPOT's second stage, self-training (docs/official.md §2.9b): the `SPOTDistill` model, its attention-matching
-loss, its initialisation from a trained `spot_r-coco` checkpoint, and the task that trains it.
+loss, and its initialisation from a trained `spot_r-coco` checkpoint (`smoothsa.tasks.SpotDistill` trains it).
 
 A frozen SPOT teacher groups each image; its decoder attention, matched slot to slot with the student's slot
 attention, is the student's target. The student is a SPOT with a learnt mean per slot, bi-level truncation and
@@ -21,8 +21,6 @@ from smoothsa.checkpoint import PREFIX, official_state_dict, read_checkpoint
 from smoothsa.losses import reconstruction_loss
 from smoothsa.metrics import _iou_matrix
 from smoothsa.models import SPOT, SlotOutput
-from smoothsa.presets import Preset
-from smoothsa.steps import discovery_metrics
 
 # The student's DINOv2 blocks that train; the official freezing regexes leave exactly these out.
 TRAINED_BLOCKS = range(8, 12)
@@ -175,36 +173,3 @@ def init_distill_from_spot(model: SPOTDistill, state_dict_or_path) -> SPOTDistil
             paired[t[len(PREFIX) :]] = source[k]
     model.load_state_dict(paired, strict=False)
     return model
-
-
-class SPOTDistillTask:
-    """What one batch means to `SPOTDistill`: its forward pass, its weighted losses (`recon`, reconstruction of
-    the frozen copy's features; `match`, `attention_match_loss`) and the student's discovery metrics.
-
-    Args:
-        preset: a `spot_distill` preset; `optim.loss_weights` holds both weights (official recon 1, match 0.005).
-    """
-
-    # The batch fields a training step reads.
-    train_keys = ("image", "segment")
-
-    def __init__(self, preset: Preset):
-        missing = {"recon", "match"} - set(preset.optim.loss_weights)
-        if missing:
-            raise ValueError(
-                f"{preset.name}: optim.loss_weights lacks {sorted(missing)} (official: recon 1, match 0.005)"
-            )
-        self.weights = dict(preset.optim.loss_weights)
-
-    def forward(self, model: SPOTDistill, batch: dict) -> DistillOutput:
-        return model(batch["image"])
-
-    def losses(self, out: DistillOutput, batch: dict) -> dict[str, torch.Tensor]:
-        return {
-            "recon": self.weights["recon"] * reconstruction_loss(out.recon, out.feature),
-            "match": self.weights["match"] * attention_match_loss(out.attn_enc, out.teacher_attn_dec),
-        }
-
-    def metrics(self, out: DistillOutput, batch: dict, official_compat: bool) -> dict[str, torch.Tensor]:
-        """Per-sample ARI, ARI-fg, mBO, mIoU of the student, from its decoder attention."""
-        return discovery_metrics(out, batch["segment"], official_compat)

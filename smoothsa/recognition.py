@@ -40,7 +40,8 @@ class ObjDiscovRecogn(nn.Module):
         attention: which attention gives the predicted segments: "attn_enc" (the official choice) or
             "attn_dec" (the one the discovery metrics use).
         official_compat: keep the official filter that admits at most objects 0 and 1 per image (docs/official.md §10.2),
-            needed to reproduce the published recognition numbers; off, every matched object counts.
+            needed to reproduce the published recognition numbers; off, every matched object counts. It also gives
+            the predicted segments the official channel count (§10.13). `smoothsa.tasks.Recognition` sets it.
 
     The discovery model runs in the wrapper's mode, as in the official code: during probe training it samples
     its training-time noise and masking.
@@ -90,7 +91,7 @@ class ObjDiscovRecogn(nn.Module):
             gt = segment.flatten(0, -4)  # (B·[T], H, W, R+1)
             if gt.shape[0] != slots.shape[0]:
                 raise ValueError(f"ObjDiscovRecogn: segment {tuple(segment.shape)} does not match the input's batch/frames")
-            pred = segments_from_attention(attn, tuple(gt.shape[1:3]))  # (B·[T], H, W, S)
+            pred = segments_from_attention(attn, tuple(gt.shape[1:3]), self.official_compat)  # (B·[T], H, W, S)
             matches = match_slots_to_objects(pred, gt, self.thresh_iou, self.official_compat)
             matched = slots[matches.batch, matches.slot]  # (K, Ds)
         classes = clazz.flatten(0, -2)[matches.batch, matches.obj].long()  # (K,)

@@ -112,22 +112,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path, model, optimizer, scaler, step: int, epoch: int, batch_in_epoch: int, extra: dict) -> Path:
-    """Everything `--resume` needs: weights, optimizer and scaler state, position in the data, RNG states."""
-    state = {
-        "model": {k: v.detach().cpu() for k, v in official_state_dict(model).items()},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "step": step,
-        "epoch": epoch,
-        "batch_in_epoch": batch_in_epoch,
-        "rng": rng_state(),
-        "extra": extra,
-    }
-    return atomic_save(state, path)
-
-
 def load_training_state(path: str | Path) -> dict:
+    """A state written by `smoothsa.trainer.Trainer.save_state` (see `Trainer.state_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training state to resume from at {path}")

@@ -60,12 +60,18 @@ def sample_row(image: torch.Tensor, true: torch.Tensor | None, pred: torch.Tenso
     return np.concatenate(tiles, axis=1)
 
 
-def save_image_grid(path: str | Path, images, true, pred, most: int = 8) -> Path:
-    """PNG grid of up to `most` samples. images (B, 3, H, W); true (B, H, W, C) or None; pred (B, H, W, S)."""
+def grid_array(images, true, pred, most: int = 8) -> np.ndarray:
+    """One row per sample (up to `most`): images (B, 3, H, W); true (B, H, W, C) or None; pred (B, H, W, S)
+    → (rows·H, W·(3 + S), 3) uint8."""
     rows = [sample_row(images[b], None if true is None else true[b], pred[b]) for b in range(min(most, len(images)))]
+    return np.concatenate(rows, axis=0)
+
+
+def save_image_grid(path: str | Path, images, true, pred, most: int = 8) -> Path:
+    """PNG grid of up to `most` samples (see `grid_array`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    Image.fromarray(grid_array(images, true, pred, most)).save(path)
     return path
 
 

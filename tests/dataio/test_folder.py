@@ -19,7 +19,7 @@ from smoothsa.dataio.folder import (
 )
 from smoothsa.dataio.records import LmdbRecords, RecordError, decode_rgb
 from smoothsa.presets import apply_overrides, get_preset
-from smoothsa.steps import forward_losses
+from smoothsa.tasks import task_for
 
 
 def picture(height: int, width: int, seed: int) -> np.ndarray:
@@ -103,7 +103,8 @@ def test_an_image_preset_trains_on_folder_batches(photos, tmp_path):
     batch = next(iter(loader))
     assert sorted(batch) == ["image"] and batch["image"].shape == (2, 3, 128, 128)
     model = build_model(preset.model)
-    _, terms = forward_losses(model, batch, preset)
+    task = task_for(preset)
+    terms = task.losses(task.forward(model, batch), batch)
     loss = sum(terms.values())
     loss.backward()
     assert torch.isfinite(loss) and model.encode_project[1].weight.grad.abs().sum() > 0
@@ -168,7 +169,8 @@ def test_video_files_convert_and_train(clips, tmp_path):
     assert [val[i]["video"].shape[0] for i in range(len(val))] == [len(v) for v in stored_videos(written[1])]
     batch = next(iter(build_loader(preset, tmp_path / "out", "train", LoaderOptions(batch_size=2, seed=0))))
     model = build_model(preset.model)
-    _, terms = forward_losses(model, batch, preset)
+    task = task_for(preset)
+    terms = task.losses(task.forward(model, batch), batch)
     assert set(terms) == {"recon", "ssc", "preheat"} and all(torch.isfinite(v) for v in terms.values())
     with pytest.raises(RecordError, match="without --video"):
         FolderImages(tmp_path / "out" / "train.lmdb")

@@ -7,7 +7,6 @@ import torch
 from smoothsa.demo import baseline_segments, baselines, run_demo
 from smoothsa.metrics import ari
 from smoothsa.presets import apply_overrides, get_preset
-from smoothsa.train import parse_args
 
 SMALL = ["model.image_size=32", "model.grid=4", "model.feature_dim=16", "model.slot_dim=16", "optim.batch_size=4",
          "optim.val_batch_size=8", "optim.total_steps=6", "optim.validations=2"]
@@ -44,13 +43,14 @@ def test_baselines_score_the_validation_split(data):
 
 
 def test_demo_trains_evaluates_and_writes_metrics_and_pictures(data, tmp_path, capsys):
-    args = parse_args(["--data", str(data), "--out", str(tmp_path / "demo"), "--device", "cpu"]
-                      + [x for item in SMALL for x in ("--set", item)])
-    summary = run_demo(args)
+    summary = run_demo(out=tmp_path / "demo", data=data, overrides=SMALL, device="cpu")
     written = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
     assert written == json.loads(json.dumps(summary))
+    logged = json.loads((tmp_path / "demo" / "metrics.json").read_text())["val"]  # training's last validation
+    assert {k: logged[k] for k in written["val"]} == written["val"]  # the printed number is the logged one
     assert set(written["val"]) == {"ari", "ari_fg", "mbo", "miou"}
     assert set(written["baselines"]) == {"one_slot", "grid_3x3"} and written["train_seconds"] > 0
     assert (tmp_path / "demo" / "eval" / "slots.png").stat().st_size > 0
     assert (tmp_path / "demo" / "last.pth").exists()
-    assert "grid_3x3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "grid_3x3" in printed and f"{written['val']['ari_fg']:6.3f}" in printed

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import smoothsa
-from smoothsa.distill import SPOTDistillTask, attention_match_loss, init_distill_from_spot
+from smoothsa.distill import attention_match_loss, init_distill_from_spot
 from smoothsa.initializers import NormalSeparat, NormalShared
 from smoothsa.losses import reconstruction_loss
 from smoothsa.presets import apply_overrides, get_preset
-from smoothsa.steps import discovery_metrics
+from smoothsa.tasks import Spot, SpotDistill
 
 NAME = "spot_r_distill-coco"
 # A SPOT small enough for CPU training steps: the fixed patch projection stands in for DINOv2.
@@ -102,7 +102,7 @@ def test_only_blocks_8_to_11_and_the_student_heads_train(full):
 
     full.train()
     assert not full.teacher.training and full.student.training  # the teacher stays in eval mode
-    task = SPOTDistillTask(get_preset(NAME))
+    task = SpotDistill(get_preset(NAME))
     full.zero_grad(set_to_none=True)
     out = full(torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0)))
     sum(task.losses(out, {}).values()).backward()
@@ -255,7 +255,7 @@ def test_training_steps_from_a_spot_checkpoint_lower_the_losses(tmp_path, weight
     torch.save(smoothsa.official_state_dict(_randomise(tiny("spot_r-coco"))), tmp_path / "spot.pth")
     model = init_distill_from_spot(tiny(NAME), tmp_path / "spot.pth").train()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not _trainable(k)}
-    task = SPOTDistillTask(apply_overrides(get_preset(NAME), weights))
+    task = SpotDistill(apply_overrides(get_preset(NAME), weights))
     batch = {"image": torch.randn(4, 3, 32, 32, generator=g)}
     noise = torch.randn(2, 4, 7, 32, generator=g)
 
@@ -279,11 +279,11 @@ def test_metrics_are_the_students():
     model = _randomise(tiny(NAME)).eval()
     x = torch.randn(2, 3, 32, 32)
     segment = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 32, 32)), 3).bool()
-    task = SPOTDistillTask(get_preset(NAME))
+    task = SpotDistill(get_preset(NAME))
     with torch.no_grad():
         out = task.forward(model, {"image": x})
         student = model.student(x)
     ours = task.metrics(out, {"segment": segment}, official_compat=False)
-    for key, value in discovery_metrics(student, segment).items():
+    for key, value in Spot(get_preset("spot_r-coco")).metrics(student, {"segment": segment}, False).items():
         torch.testing.assert_close(ours[key], value, equal_nan=True)
     assert not torch.equal(out.attn_dec, out.teacher_attn_dec)

@@ -1,0 +1,474 @@
+"""Training as a library (docs/official.md §4): `Trainer` owns the model, the optimizer, the GradScaler, the
+schedules and the run's position; `Trainer.step` is one optimizer step, `Trainer.fit` the loop.
+
+    trainer = Trainer(preset, RunOptions(amp="none"))
+    trainer.load_initial_weights(discovery="runs/coco/last.pth")   # recognition presets
+    results = trainer.fit(train_loader, val_loader, out="runs/probe")
+
+`step` reads nothing on the host: a non-finite loss (or gradient) is skipped on the device, by the fused Adam's
+`found_inf` input, and counted in device tensors that are read only when the loop logs or validates.
+"""
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from smoothsa import schedules, visualize
+from smoothsa.build import build_model
+from smoothsa.checkpoint import load_official, official_state_dict
+from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
+from smoothsa.metrics import segments_from_attention
+from smoothsa.presets import Preset, preset_to_dict
+from smoothsa.slot_attention import SlotAttention
+from smoothsa.state import atomic_save, atomic_write_text, load_training_state, rng_state, save_checkpoint, set_rng_state
+from smoothsa.tasks import task_for
+
+
+@dataclass
+class RunOptions:
+    """How to run (not what to train: that is the preset).
+
+    amp: "fp16" (with a GradScaler), "bf16" or "none"; "auto" = fp16 on CUDA, none on CPU.
+    compile: torch.compile the model; None = on for CUDA, off for CPU.
+    compile_mode: torch.compile's mode; "reduce-overhead" records CUDA graphs (each step then starts a new one).
+    backend: data loader, "torch" or "dali".
+    workers: loader workers (DALI: threads) per process.
+    max_bad_steps: consecutive non-finite losses tolerated before stopping (checked when the loop logs).
+    log_every: steps between logged lines (each costs a host sync).
+    official_compat: the official metric arithmetic and recognition matching, in training and validation
+        (docs/official.md §10.1, §10.2, §10.13).
+    """
+
+    amp: str = "auto"
+    compile: bool | None = None
+    compile_mode: str = "default"
+    backend: str = "torch"
+    workers: int = 4
+    max_bad_steps: int = 20
+    log_every: int = 20
+    official_compat: bool = False
+
+
+class Distributed:
+    """torchrun's environment: rank, world size, this process's device ("cuda" = the local rank's GPU)."""
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+            if device.index is None:
+                device = torch.device("cuda", self.local_rank)
+            if device.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_detach_flag(model: torch.nn.Module, value: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "detach_flag") and torch.is_tensor(module.detach_flag):
+            module.detach_flag.fill_(value)
+
+
+def gradient_norm(parameters: list[torch.Tensor], optim) -> torch.Tensor:
+    """Clips the gradients as the preset says and returns their total norm (a device tensor; non-finite when
+    any gradient is). Without clipping the norm is still computed: it is the non-finite check."""
+    norm_type = math.inf if optim.clip_type == "inf" else 2.0
+    if optim.clip_norm is None:
+        return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], norm_type)
+    return torch.nn.utils.clip_grad_norm_(parameters, optim.clip_norm, norm_type=norm_type)
+
+
+class Logger:
+    """CSV always; TensorBoard event files (scalars and the slot picture) when `tensorboard` is installed.
+    Rank 0 only."""
+
+    def __init__(self, out: Path | None, enabled: bool):
+        self.enabled = enabled and out is not None
+        self.path = out / "log.csv" if out is not None else None
+        self.writer = None
+        if self.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, split: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "split", "name", "value"])
+            for name, value in values.items():
+                writer.writerow([step, split, name, f"{value:.6g}" if isinstance(value, float) else value])
+        if self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{split}/{name}", value, step)
+            self.writer.flush()
+
+    def picture(self, step: int, name: str, image: np.ndarray) -> None:
+        """image (H, W, 3) uint8."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(name, image, step, dataformats="HWC")
+            self.writer.flush()
+
+
+class Trainer:
+    """One training run of `preset`: model, optimizer, scaler, schedules and the run's position.
+
+    Args:
+        preset: what to train.
+        options: how to run (`RunOptions`).
+        device: "cpu", "cuda" (this process's GPU), "cuda:1", …; None: this process's GPU, else the CPU.
+
+    Attributes the run-folder logic uses:
+        out: the run folder (set by `fit`), where `save_state` / `save_checkpoint` write.
+        step_count, epoch, batch_in_epoch: where the run is (optimizer steps taken, data position).
+        after_step: callables `f(trainer)` run after every step, at a point where `save_state` captures a
+            state that resumes exactly (periodic and signal-triggered saves go here).
+        after_checkpoint: callables `f(trainer, path)` run after each checkpoint is written.
+        stop_reason: set it (e.g. from a signal handler or an `after_step` hook) and `fit` saves the state and
+            returns after the current step; `finished` says whether the run reached `total_steps`.
+    """
+
+    def __init__(self, preset: Preset, options: RunOptions | None = None, device: str | torch.device | None = None):
+        options = options or RunOptions()
+        self.preset = preset
+        self.options = options
+        self.dist = Distributed(device)
+        self.device = device = self.dist.device
+        optim = preset.optim
+        self.amp = options.amp if options.amp != "auto" else ("fp16" if device.type == "cuda" else "none")
+        if self.amp not in ("fp16", "bf16", "none"):
+            raise ValueError(f"amp must be fp16, bf16, none or auto, got {options.amp!r}")
+        if not 0.0 <= optim.preheat_detach <= 1.0:
+            raise ValueError(f"optim.preheat_detach must lie in [0, 1], got {optim.preheat_detach}")
+        self.use_compile = options.compile if options.compile is not None else device.type == "cuda"
+        seed_everything(optim.seed + self.dist.rank)
+
+        self.task = task_for(preset)
+        self.model = build_model(preset.model, backbone=True).to(device)
+        self.task.set_official_compat(self.model, options.official_compat)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        # Fused: its step takes `found_inf`, so a non-finite step is skipped on the device.
+        self.optimizer = torch.optim.Adam(self.parameters, lr=optim.lr, fused=True)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
+        self.scheduled_detach = "preheat" in optim.loss_weights
+
+        self.step_count = self.epoch = self.batch_in_epoch = 0
+        self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)  # non-finite losses, all told
+        self.bad_in_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.worst_bad_run = torch.zeros((), dtype=torch.int64, device=device)
+        self.initial_weights: dict[str, str] = {}
+
+        net = self.model
+        if self.dist.world_size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        mode = options.compile_mode
+        self.net = torch.compile(net, mode=mode) if self.use_compile else net
+        # Validation runs the model without the DDP wrapper: processes may score different numbers of batches.
+        self.eval_net = torch.compile(self.model, mode=mode) if self.use_compile else self.model
+        self.cudagraphs = self.use_compile and mode == "reduce-overhead"
+
+        self.out: Path | None = None
+        self.after_step: list[Callable[["Trainer"], None]] = []
+        self.after_checkpoint: list[Callable[["Trainer", Path], None]] = []
+        self.stop_reason: str | None = None
+        self.finished = False
+        self.results: dict = {}
+        self.clock = time.perf_counter
+
+    # -- initial weights ------------------------------------------------------------------------------------
+
+    def load_initial_weights(self, **checkpoints: str | os.PathLike | None) -> None:
+        """The one place a new run's starting weights come from: `name=path` for each checkpoint the task
+        starts from (`task.initial_weights`, e.g. recognition's `discovery`). A resumed run skips this."""
+        given = {name: path for name, path in checkpoints.items() if path is not None}
+        for name in self.task.initial_weights:
+            if name not in given:
+                raise ValueError(f"{self.preset.name} starts from a trained {name} model: pass --{name}-ckpt")
+        for name, path in given.items():
+            if name not in self.task.initial_weights:
+                raise ValueError(f"{self.preset.name} does not start from a {name} checkpoint: drop --{name}-ckpt")
+            self.task.load_initial_weights(self.model, name, path)
+            self.initial_weights[name] = os.fspath(path)
+
+    # -- one step -------------------------------------------------------------------------------------------
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One optimizer step on one batch: lr and detach-flag schedules, forward and losses under autocast,
+        scaled backward, unscale, clipping, Adam, scaler update. Returns the weighted loss terms (device
+        tensors). A step whose loss or gradients are not finite, or whose batch the task finds invalid, leaves
+        the weights and Adam's state as they were; it still counts as a step (as the official GradScaler skip)."""
+        optim = self.preset.optim
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        lr = schedules.linear_warmup_cosine(self.step_count, optim.total_steps, optim.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scheduled_detach:
+            set_detach_flag(self.model, schedules.detach_flag(self.step_count, optim.total_steps, optim.preheat_detach))
+        batch = to_device({k: batch[k] for k in self.task.train_keys}, self.device)
+        with autocast(self.device, self.amp):
+            out = self.task.forward(self.net, batch)
+            terms = self.task.losses(out, batch)
+        loss = sum(terms.values())
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = gradient_norm(self.parameters, optim)
+        bad = ~torch.isfinite(loss.detach())
+        skip = bad | ~torch.isfinite(norm)
+        valid = self.task.valid(out)
+        if valid is not None:
+            bad = bad & valid
+            skip = skip | ~valid
+        # The protocol by which GradScaler hands the fused Adam its skip flag: the step then changes nothing.
+        self.optimizer.found_inf = skip.float()
+        self.optimizer.step()
+        del self.optimizer.found_inf
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += bad
+        self.bad_in_row = (self.bad_in_row + 1) * bad
+        self.worst_bad_run = torch.maximum(self.worst_bad_run, self.bad_in_row)
+        self.step_count += 1
+        return {name: value.detach() for name, value in terms.items()}
+
+    def check_bad_steps(self) -> int:
+        """Reads the skip counters (a host sync); raises once more than `max_bad_steps` came in a row."""
+        worst, total = (int(x) for x in torch.stack([self.worst_bad_run, self.bad_steps]).tolist())
+        if worst > self.options.max_bad_steps:
+            raise FloatingPointError(
+                f"{worst} consecutive steps had a non-finite loss (by step {self.step_count}); stopping. "
+                "Lower optim.lr or use --amp bf16/none."
+            )
+        return total
+
+    # -- state ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs: weights (official layout, copied to the host), optimizer and scaler state
+        (references to the live tensors, as `torch.optim.Optimizer.state_dict`), position, counters, RNG."""
+        return {
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in official_state_dict(self.model).items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step_count,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": rng_state(),
+            "extra": {"bad_steps": int(self.bad_steps), "bad_in_row": int(self.bad_in_row),
+                      "worst_bad_run": int(self.worst_bad_run)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        load_official(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step_count, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        extra = state["extra"]
+        for name in ("bad_steps", "bad_in_row", "worst_bad_run"):
+            getattr(self, name).fill_(extra.get(name, 0))
+        set_rng_state(state["rng"])
+
+    def save_state(self) -> Path | None:
+        """Writes `out/state.pt` atomically (rank 0); other ranks write nothing. Call it between steps."""
+        if self.out is None or not self.dist.main:
+            return None
+        return atomic_save(self.state_dict(), self.out / "state.pt")
+
+    def save_checkpoint(self, name: str) -> Path | None:
+        """Writes the weights in the official layout to `out/name` (rank 0), then runs `after_checkpoint`."""
+        if self.out is None or not self.dist.main:
+            return None
+        path = save_checkpoint(self.model, self.out / name)
+        for hook in self.after_checkpoint:
+            hook(self, path)
+        return path
+
+    def config(self) -> dict:
+        """What config.json records: the resolved preset, the run options and the initial weights."""
+        return preset_to_dict(self.preset) | {"options": dataclasses.asdict(self.options),
+                                               "initial_weights": dict(self.initial_weights)}
+
+    # -- validation and the loop ----------------------------------------------------------------------------
+
+    def validate(self, loader, keep_first: bool = False) -> Evaluation:
+        """Losses and metrics over the whole validation split (`smoothsa.evaluation.evaluate`), with the
+        preset's seed: the same numbers `python -m smoothsa.eval` gives for the same weights."""
+        return evaluate(self.eval_net, self.task, loader, self.device, self.preset.optim.seed,
+                        self.options.official_compat, self.amp, with_losses=True, keep_first=keep_first)
+
+    def _picture(self, first) -> np.ndarray:
+        batch, out = first
+        pixels = batch[self.task.pixels]
+        segment = batch["segment"]
+        pred = segments_from_attention(self.task.attention(out).float(), tuple(pixels.shape[-2:]))
+        if pixels.dim() == 5:  # video: the frames of the first clip, one per row
+            pixels, segment, pred = pixels[0], segment[0], pred[0]
+        return visualize.grid_array(pixels, segment, pred, most=8)
+
+    def fit(self, train_loader, val_loader, out: str | os.PathLike | None = None) -> dict:
+        """Trains until `total_steps` (or `stop_reason` is set), validating `optim.validations` times, writing
+        checkpoints after the validations of the second half, `state.pt` after each, and at the end
+        `last.pth` and `metrics.json` into `out`. Returns the last validation's results."""
+        optim = self.preset.optim
+        total = optim.total_steps
+        main = self.dist.main
+        self.out = Path(out) if out is not None else None
+        if main and self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if len(train_loader) == 0:
+            raise ValueError(f"the training split has fewer samples than one batch ({optim.batch_size})")
+        val_interval = max(1, total // optim.validations)
+        logger = Logger(self.out, main)
+        if main:
+            fused = any(m.fused for m in self.model.modules() if isinstance(m, SlotAttention))
+            print(f"{self.preset.name}: {total} steps, batch {optim.batch_size} per process × {self.dist.world_size} = "
+                  f"{optim.batch_size * self.dist.world_size} global, device {self.device}, amp {self.amp}, "
+                  f"compile {self.use_compile}, fused kernels {fused}", flush=True)
+        train_loader.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
+        progress = tqdm(total=total, initial=self.step_count, disable=not main, dynamic_ncols=True, desc=self.preset.name)
+        trained, started, images = 0.0, self.clock(), 0  # training time only: validations are left out
+        self.net.train()
+        try:
+            while self.step_count < total and self.stop_reason is None:
+                for batch in train_loader:
+                    self.batch_in_epoch += 1
+                    terms = self.step(batch)
+                    images += batch[self.task.pixels].shape[0] * self.dist.world_size
+                    progress.update(1)
+                    step = self.step_count
+                    if step % self.options.log_every == 0 or step == total:
+                        # Sync point: reading the losses, once every log_every steps.
+                        values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+                        skipped = self.check_bad_steps()
+                        now = self.clock()
+                        rate = images / max(trained + now - started, 1e-9)
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        values |= {"loss": sum(values.values()), "lr": lr, "images_per_s": rate, "skipped_steps": skipped}
+                        progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                        logger.log(step, "train", values)
+                        trained, started, images = 0.0, now, 0
+                    if step % val_interval == 0 or step == total:
+                        trained += self.clock() - started
+                        self._validate(val_loader, logger, progress)
+                        started = self.clock()
+                    if step >= total or self.stop_reason is not None:
+                        break
+                    for hook in self.after_step:
+                        hook(self)
+                    if self.stop_reason is not None:
+                        break
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+        finally:
+            progress.close()
+        if self.stop_reason is not None:
+            self.save_state()
+            if main:
+                print(f"stopped ({self.stop_reason}) at step {self.step_count}; continue with --resume", flush=True)
+        else:
+            skipped = self.check_bad_steps()
+            self.finished = True
+            self.save_checkpoint("last.pth")
+            if main and self.out is not None:
+                summary = {"step": self.step_count, "skipped_steps": skipped, "val": self.results}
+                atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=2))
+        self.dist.barrier()
+        return self.results
+
+    def _validate(self, val_loader, logger: Logger, progress) -> None:
+        self.check_bad_steps()
+        evaluation = self.validate(val_loader, keep_first=self.dist.main and logger.writer is not None)
+        self.results = evaluation.results
+        step = self.step_count
+        logger.log(step, "val", self.results)
+        if evaluation.first is not None:
+            logger.picture(step, "val/slots", self._picture(evaluation.first))
+        if self.dist.main:
+            progress.write(f"step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in self.results.items()))
+        if step >= self.preset.optim.total_steps / 2:
+            self.save_checkpoint(f"ckpt-{step:07d}.pth")
+        self.save_state()
+
+
+def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions | None = None, resume: bool = False,
+          discovery_ckpt: str | Path | None = None, device: str | None = None) -> Trainer:
+    """Trains `preset` on the LMDB splits in `data`, writing into `out`; returns the trainer (its `results`
+    are the last validation's, `finished` says whether it reached the last step)."""
+    options = options or RunOptions()
+    out = Path(out)
+    trainer = Trainer(preset, options, device)
+    if resume:
+        trainer.load_state_dict(load_training_state(out / "state.pt"))
+    else:
+        trainer.load_initial_weights(discovery=discovery_ckpt)
+    if trainer.dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(trainer.config(), indent=2))
+    optim, dist = preset.optim, trainer.dist
+
+    def loader(split: str, batch_size: int):
+        training = split == "train"
+        return loader_for(preset, data, split, batch_size, training, options.workers, options.backend,
+                          optim.seed, dist.rank, dist.world_size, trainer.device,
+                          keys=trainer.task.train_keys if training else None)
+
+    train_loader, val_loader = loader("train", optim.batch_size), loader("val", optim.val_batch_size)
+
+    def request_stop(signum, frame):
+        trainer.stop_reason = f"signal {signum}"
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        trainer.fit(train_loader, val_loader, out)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        dist.close()
+    return trainer

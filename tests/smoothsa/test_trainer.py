@@ -1,0 +1,267 @@
+"""Trainer.step on every kind of model: one step changes the weights exactly as a plain loop does (float64),
+reads nothing on the host, and skips non-finite steps on the device."""
+import copy
+import math
+
+import pytest
+import torch
+
+from smoothsa import losses, schedules
+from smoothsa.presets import apply_overrides, get_preset
+from smoothsa.trainer import RunOptions, Trainer
+
+TINY = [
+    "model.backbone=patch", "model.image_size=32", "model.grid=4", "model.feature_dim=32", "model.slot_dim=16",
+    "model.decoder_layers=1", "model.num_slots=4", "optim.total_steps=40",
+]
+PRESETS = {
+    "smoothsa_r-coco": [],
+    "spot_r-coco": [],
+    "smoothsav_c-movi_c": [],
+    "smoothsa_r_recogn-coco": ["model.num_classes=5"],
+}
+OPTIONS = RunOptions(amp="none", compile=False, workers=0)
+
+
+def make_batch(preset, b: int = 2, frames: int = 3, objects: int = 3, seed: int = 0) -> dict:
+    """A batch in the loaders' format: image / video N(0, 1), boxes l < r, t < b, quadrant segments."""
+    generator = torch.Generator().manual_seed(seed)
+    size = preset.model.image_size
+    video = preset.model.arch == "smoothsa_video"
+    lead = (b, frames) if video else (b,)
+    batch = {"video" if video else "image": torch.randn(*lead, 3, size, size, generator=generator, dtype=torch.float64)}
+    corners = torch.rand(*lead, objects, 2, 2, generator=generator, dtype=torch.float64)
+    batch["bbox"] = torch.cat([corners.min(-1).values, corners.max(-1).values], -1)  # (B, [T,] R, 4)
+    index = torch.zeros(size, size, dtype=torch.long)
+    half = size // 2
+    index[:half, :half], index[:half, half:], index[half:, :half] = 1, 2, 3  # background: the 4th quadrant
+    segment = torch.nn.functional.one_hot(index, objects + 1).bool()
+    batch["segment"] = segment.expand(*lead, size, size, objects + 1).clone()
+    batch["clazz"] = torch.randint(1, 5, (*lead, objects), generator=generator).to(torch.uint8)
+    return batch
+
+
+def reference_step(model, preset, batch, step: int, optimizer) -> None:
+    """One step written out plainly from the official procedure: schedules, forward, weighted losses, backward,
+    clipping, Adam."""
+    optim = preset.optim
+    for group in optimizer.param_groups:
+        group["lr"] = schedules.linear_warmup_cosine(step, optim.total_steps, optim.lr)
+    weights = optim.loss_weights
+    arch = preset.model.arch
+    if "preheat" in weights:
+        model.initializ.detach_flag.fill_(schedules.detach_flag(step, optim.total_steps, optim.preheat_detach))
+    if arch == "recognition":
+        out = model(batch["image"], None, None, batch["segment"], batch["clazz"], batch["bbox"])
+        ce, l1 = losses.recognition_losses(out.class_logits.float(), out.class_target, out.box_pred.float(), out.box_target)
+        loss = weights["ce"] * ce + weights["l1"] * l1
+    else:
+        pixels = batch["video"] if arch == "smoothsa_video" else batch["image"]
+        out = model(pixels, batch["bbox"] if arch == "smoothsa_video" else None)
+        loss = weights["recon"] * losses.reconstruction_loss(out.recon, out.feature)
+        if "preheat" in weights:
+            first = out.slots[:, 0] if arch == "smoothsa_video" else out.slots
+            loss = loss + weights["preheat"] * losses.preheat_loss(out.qinit, first)
+        if "ssc" in weights:
+            loss = loss + weights["ssc"] * losses.slot_contrast_loss(out.slots.float())  # float32, as the task
+    loss.backward()
+    if optim.clip_norm is not None:
+        norm_type = math.inf if optim.clip_type == "inf" else 2.0
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim.clip_norm, norm_type)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def float64_trainer(name: str, *extra) -> Trainer:
+    preset = apply_overrides(get_preset(name), TINY + PRESETS[name] + list(extra))
+    trainer = Trainer(preset, OPTIONS, device="cpu")
+    trainer.model.double()  # the optimizer holds the same Parameter objects
+    return trainer
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_step_changes_the_weights_as_the_plain_loop(name):
+    trainer = float64_trainer(name)
+    preset = trainer.preset
+    reference = copy.deepcopy(trainer.model)
+    optimizer = torch.optim.Adam([p for p in reference.parameters() if p.requires_grad], lr=preset.optim.lr, foreach=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for step, start in enumerate([0, 2, 5]):  # step 0 has lr 0; warm-up ends at step 2 of 40
+        trainer.step_count = reference_steps = start
+        batch = make_batch(preset, seed=step)
+        torch.manual_seed(100 + step)
+        terms = trainer.step(batch)
+        torch.manual_seed(100 + step)
+        reference_step(reference, preset, batch, reference_steps, optimizer)
+        assert terms and all(value.dim() == 0 and bool(torch.isfinite(value)) for value in terms.values())
+    after, expected = trainer.model.state_dict(), reference.state_dict()
+    trained = [k for k, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trained and all(not torch.equal(after[k], before[k]) for k in trained if "detach_flag" not in k)
+    for key in after:
+        torch.testing.assert_close(after[key], expected[key], rtol=1e-12, atol=1e-14, msg=key)
+    assert int(trainer.bad_steps) == 0
+
+
+@pytest.mark.parametrize("name", ["smoothsa_r-coco", "smoothsav_c-movi_c"])
+def test_step_reads_nothing_on_the_host(name, monkeypatch):
+    trainer = float64_trainer(name)
+    batch = make_batch(trainer.preset)
+    trainer.step(batch)  # lazy state (Adam's moments) exists from here on
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Trainer.step read a tensor on the host")
+
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, method, forbidden)
+    trainer.step(batch)
+    monkeypatch.undo()
+    assert trainer.step_count == 2
+
+
+def test_a_non_finite_step_changes_nothing_and_is_counted(monkeypatch):
+    trainer = float64_trainer("smoothsa_r-coco")
+    batch = make_batch(trainer.preset)
+    trainer.step_count = 5
+    trainer.step(batch)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+    real = type(trainer.task).losses
+    monkeypatch.setattr(type(trainer.task), "losses",
+                        lambda self, out, batch: {k: v * float("nan") for k, v in real(self, out, batch).items()})
+    for _ in range(3):
+        trainer.step(batch)
+    assert trainer.step_count == 9 and int(trainer.bad_steps) == 3
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, weights[key]) or "detach_flag" in key, key
+    state = trainer.optimizer.state_dict()["state"]
+    for index, entry in moments.items():
+        for field, value in entry.items():
+            assert torch.equal(state[index][field], value), (index, field)
+    with pytest.raises(FloatingPointError, match="3 consecutive steps had a non-finite loss"):
+        trainer.options = RunOptions(max_bad_steps=2)
+        trainer.check_bad_steps()
+    monkeypatch.undo()
+    trainer.step(batch)
+    assert int(trainer.bad_in_row) == 0 and int(trainer.worst_bad_run) == 3
+
+
+def test_recognition_step_without_a_match_is_skipped():
+    trainer = float64_trainer("smoothsa_r_recogn-coco")
+    batch = make_batch(trainer.preset)
+    batch["segment"][..., 1:] = False  # no object: nothing to match
+    batch["segment"][..., 0] = True
+    trainer.step_count = 5
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    terms = trainer.step(batch)
+    assert all(float(v) == 0.0 for v in terms.values())
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    assert int(trainer.bad_steps) == 0 and trainer.step_count == 6
+
+
+def test_state_dict_round_trip_continues_identically():
+    first = float64_trainer("smoothsa_r-coco")
+    batch = make_batch(first.preset)
+    first.step_count = 3
+    first.step(batch)
+    second = float64_trainer("smoothsa_r-coco")
+    state = copy.deepcopy(first.state_dict())
+    first.step(batch)
+    second.load_state_dict(state)  # the RNG state comes with it: the same decoder masks
+    assert second.step_count == 4
+    second.step(batch)
+    for (key, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+FIT = TINY + ["data.dataset=synthetic", "optim.batch_size=4", "optim.val_batch_size=8", "optim.total_steps=8",
+              "optim.validations=2"]
+
+
+def _fit(data, out, clock=None, **options):
+    from smoothsa.evaluation import loader_for
+
+    preset = apply_overrides(get_preset("smoothsa_r-coco"), FIT)
+    trainer = Trainer(preset, RunOptions(amp="none", compile=False, workers=0, **options), device="cpu")
+    if clock is not None:
+        trainer.clock = clock
+    return trainer, lambda: trainer.fit(loader_for(preset, data, "train", 4, True), loader_for(preset, data, "val", 8, False), out)
+
+
+def test_images_per_s_counts_training_time_only(data, tmp_path):
+    """With a clock that moves 1 s per step and 1000 s per validation, 4 images a step read 4 images/s."""
+    import csv
+
+    now = [0.0]
+    trainer, fit = _fit(data, tmp_path, clock=lambda: now[0], log_every=2)
+    step, validate = trainer.step, trainer.validate
+
+    def timed_step(batch):
+        now[0] += 1.0
+        return step(batch)
+
+    def slow_validate(loader, keep_first=False):
+        now[0] += 1000.0
+        return validate(loader, keep_first)
+
+    trainer.step, trainer.validate = timed_step, slow_validate
+    fit()
+    with open(tmp_path / "log.csv") as f:
+        rates = [float(row["value"]) for row in csv.DictReader(f) if row["name"] == "images_per_s"]
+    assert rates == [4.0] * 4
+
+
+def test_tensorboard_gets_the_scalars_and_the_slot_picture(data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, fit = _fit(data, tmp_path)
+    fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert {"train/loss", "train/images_per_s", "val/ari_fg", "val/loss_recon"} <= set(events.Tags()["scalars"])
+    pictures = events.Images("val/slots")
+    assert [p.step for p in pictures] == [4, 8]
+    # 8 samples of 32×32 pixels: image, truth, prediction and one tile per slot (4).
+    assert (pictures[0].height, pictures[0].width) == (8 * 32, (3 + 4) * 32)
+
+
+def test_device_cuda_means_the_local_rank_gpu(monkeypatch):
+    from smoothsa.trainer import Distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device is available here; use --device cpu"):
+        Distributed("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert Distributed("cuda").device == torch.device("cuda", 1)
+    assert Distributed(None).device == torch.device("cuda", 1)
+    assert Distributed("cuda:0").device == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        Distributed("cuda:2")
+
+
+def test_a_stop_requested_by_an_after_step_hook_saves_a_state_that_resumes_to_the_same_weights(data, tmp_path):
+    from smoothsa.checkpoint import read_checkpoint
+    from smoothsa.state import load_training_state
+
+    _, whole = _fit(data, tmp_path / "whole")
+    whole()
+    stopped, fit = _fit(data, tmp_path / "stopped")
+    calls = []
+
+    def stop_at_3(trainer):
+        calls.append(trainer.step_count)
+        if trainer.step_count == 3:
+            trainer.stop_reason = "test"
+
+    stopped.after_step.append(stop_at_3)
+    fit()
+    assert calls == [1, 2, 3] and not stopped.finished and not (tmp_path / "stopped" / "last.pth").exists()
+    resumed, fit = _fit(data, tmp_path / "stopped")
+    resumed.load_state_dict(load_training_state(tmp_path / "stopped" / "state.pt"))
+    assert (resumed.step_count, resumed.epoch, resumed.batch_in_epoch) == (3, 0, 3)
+    fit()
+    assert resumed.finished
+    expected, again = read_checkpoint(tmp_path / "whole" / "last.pth"), read_checkpoint(tmp_path / "stopped" / "last.pth")
+    assert expected.keys() == again.keys() and all(torch.equal(expected[k], again[k]) for k in expected)
