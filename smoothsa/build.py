@@ -1,4 +1,5 @@
-"""`build_model`: a preset name (or `ModelConfig`) → the model, with the official module layout."""
+"""`build_model`: a preset name (or `ModelConfig`) → the model, with the official module layout; `compile_model`:
+the parts of it that `torch.compile` should trace."""
 import dataclasses
 
 import torch.nn as nn
@@ -33,6 +34,24 @@ def build_model(name: str | ModelConfig, backbone: bool = True, **overrides) -> 
         discovery = dataclasses.replace(config, arch=_discovery_arch(config), discovery=None, num_classes=None)
         return ObjDiscovRecogn(_build_discovery(discovery, backbone), config.num_classes, slot_dim=config.slot_dim)
     return _build_discovery(config, backbone)
+
+
+def compile_model(model: nn.Module, **options) -> nn.Module:
+    """Compiles `model` in place with `torch.compile(**options)` (e.g. `mode="reduce-overhead"`) and returns it.
+
+    In place (`nn.Module.compile`), so the state_dict keeps the official keys (no `_orig_mod.` prefix). Every
+    discovery model traces as one graph in training, with no graph break. A recognition model compiles its
+    frozen discovery model only: the Hungarian matching that follows runs on the host (scipy) by design, and the
+    probe, an MLP on the K matched slots (K differs per batch), stays eager.
+
+    Box-conditioned video models take as many slots as the batch has (padded) boxes; `smoothsa.steps.model_inputs`
+    marks that axis dynamic, so one graph serves every slot count. Switching between `train()` and `eval()`
+    compiles a second graph once (the mode is part of the trace); the two are then reused.
+    """
+    from smoothsa.recognition import ObjDiscovRecogn
+
+    (model.discov if isinstance(model, ObjDiscovRecogn) else model).compile(**options)
+    return model
 
 
 def _discovery_arch(config: ModelConfig) -> str:

@@ -10,18 +10,25 @@ from smoothsa.presets import Preset
 
 
 def model_inputs(batch: dict, preset: Preset) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(pixels, condit): the image or video, and the per-frame boxes for box-conditioned video models."""
+    """(pixels, condit): the image or video, and the per-frame boxes (B, T, S, 4) for box-conditioned video models.
+
+    Their slot count S is the batch's padded box count and differs from batch to batch: the S axis of `condit` is
+    marked dynamic, so a compiled model traces one graph for every S instead of one per S. (Marked here, outside
+    the traced code, when the model is what is compiled.)
+    """
     pixels = batch["video"] if "video" in batch else batch["image"]
     condit = None
     if preset.model.initializer == "mlp_preheated":
         if "bbox" not in batch:
             raise KeyError(f"preset {preset.name} conditions on boxes, but the batch has no 'bbox' (keys: {sorted(batch)})")
         condit = batch["bbox"]
+        if not torch.compiler.is_compiling():
+            torch._dynamo.maybe_mark_dynamic(condit, 2)
     return pixels, condit
 
 
 def discovery_losses(out, preset: Preset) -> dict[str, torch.Tensor]:
-    """Weighted losses of a discovery model (SPEC §3); their sum is optimised."""
+    """Weighted losses of a discovery model (docs/official.md §3); their sum is optimised."""
     weights = preset.optim.loss_weights
     terms = {"recon": losses.reconstruction_loss(out.recon, out.feature)}
     if "preheat" in weights:
@@ -49,7 +56,7 @@ def forward_losses(model: nn.Module, batch: dict, preset: Preset):
 
 @torch.no_grad()
 def discovery_metrics(out, segment: torch.Tensor, official_compat: bool = False) -> dict[str, torch.Tensor]:
-    """Per-sample ARI, ARI-fg, mBO, mIoU from the decoder attention (SPEC §7.1–7.2); a video is one sample.
+    """Per-sample ARI, ARI-fg, mBO, mIoU from the decoder attention (docs/official.md §7.1–7.2); a video is one sample.
 
     Shapes: out.attn_dec (B, [T,] S, h, w); segment (B, [T,] H, W, C) bool → each metric (B,) float64.
     """
