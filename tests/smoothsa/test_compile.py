@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from smoothsa import build_model, compile_model
 from smoothsa.presets import get_preset
@@ -64,6 +65,28 @@ def _train_step(model, batch, preset) -> None:
 def _breaks(explanation) -> str:
     return "\n".join(f"{r.reason.splitlines()[0]} at {r.user_stack[-1:] if r.user_stack else '?'}"
                      for r in explanation.break_reasons)  # fmt: skip
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host (`.item()`, `bool(t)`, `int(t)`, `.tolist()`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", DISCOVERY)
+def test_training_forward_and_backward_read_nothing_on_the_host(name):
+    preset, model = _tiny(name)
+    batch = _batch(preset)
+    with HostReads() as reads:
+        _train_step(model, batch, preset)
+    assert reads.count == 0
 
 
 @pytest.mark.parametrize("name", DISCOVERY)
