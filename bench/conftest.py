@@ -172,6 +172,7 @@ def _sizes_from_environment(sizes: Sizes) -> Sizes:
                             "smoothsa_r-coco=128,smoothsav_c-movi_c=32" (images, or clips for video)
     SMOOTHSA_BENCH_WORKERS  loader workers of the end-to-end runs
     SMOOTHSA_BENCH_ROUNDS   timed rounds of the training-step and evaluation benchmarks
+    (and SMOOTHSA_BENCH_AMP, read by test_bench_end_to_end.py: its autocast dtype on CUDA)
     """
     batch = os.environ.get("SMOOTHSA_BENCH_BATCH")
     if batch:

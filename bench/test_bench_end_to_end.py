@@ -3,7 +3,8 @@
 
 A timed round is one epoch of `smoothsa_r-coco` training steps (`TrainingStep` in conftest: the loop of
 `smoothsa.train`, which syncs once per step on the loss). On CUDA the model runs as `smoothsa.train` runs it by
-default (fused kernels, fp16 autocast, torch.compile; compiled in the warm-up epoch) at B = 32; on the CPU it is the
+default (fused kernels, fp16 autocast (`SMOOTHSA_BENCH_AMP=bf16`: bf16), torch.compile; compiled in the warm-up
+epoch) at B = 32; on the CPU it is the
 small eager fp32 model of the smoke sizes. `extra_info` records images/s and how long the loop was blocked in
 `next(loader)`:
 
@@ -17,6 +18,7 @@ small eager fp32 model of the smoke sizes. `extra_info` records images/s and how
 DALI rows are skipped unless `nvidia.dali` is importable. The loader-only benchmark is bench/test_bench_loader.py.
 """
 import importlib.util
+import os
 import time
 
 import pytest
@@ -48,7 +50,7 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
     e2e = sizes.end_to_end
     workload = e2e.workload
     preset = workload.config(fused=CUDA)
-    amp = "fp16" if CUDA else "none"
+    amp = os.environ.get("SMOOTHSA_BENCH_AMP", "fp16") if CUDA else "none"
     torch.manual_seed(0)
     model = build_model(preset.model).to(device)
     net = torch.compile(model) if CUDA else model
@@ -96,7 +98,7 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
         steps_per_epoch=steps,
         dataset_images=e2e.images,
         image_size=(e2e.height, e2e.width),
-        model_variant="fused-fp16-compile" if CUDA else "eager-fp32",
+        model_variant=f"fused-{amp}-compile" if CUDA else "eager-fp32",
         model_overrides=workload.overrides,
         loader_wait_fraction=blocked / total,
         first_batch_wait_s=first / len(timed),
