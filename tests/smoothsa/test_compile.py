@@ -117,7 +117,9 @@ def test_steady_state_steps_do_not_recompile(name):
     """Video: `test_box_slot_count_is_dynamic` (the same model with boxes)."""
     preset, model = _tiny(name)
     counter = CompileCounterWithBackend("eager")
-    compile_model(model, backend=counter)
+    keys = list(model.state_dict())
+    assert compile_model(model, backend=counter) is model
+    assert list(model.state_dict()) == keys  # compiled in place: the official checkpoint keys
     for seed in range(3):  # new values, same shapes
         _train_step(model, _batch(preset, seed=seed), preset)
         assert counter.frame_count == 1, f"step {seed}: {counter.frame_count} graphs compiled"
