@@ -164,6 +164,35 @@ else:
     )
 
 
+def _sizes_from_environment(sizes: Sizes) -> Sizes:
+    """Overrides of the sizes above, for scripted runs (`bench/gpu.sh`):
+
+    SMOOTHSA_BENCH_BATCH    B of the training-step workloads, "32" for all, or per preset
+                            "smoothsa_r-coco=128,smoothsav_c-movi_c=32" (images, or clips for video)
+    SMOOTHSA_BENCH_WORKERS  loader workers of the end-to-end runs
+    SMOOTHSA_BENCH_ROUNDS   timed rounds of the training-step and evaluation benchmarks
+    (and SMOOTHSA_BENCH_AMP, read by test_bench_end_to_end.py: its autocast dtype on CUDA)
+    """
+    batch = os.environ.get("SMOOTHSA_BENCH_BATCH")
+    if batch:
+        if "=" in batch:
+            per_preset = {name: int(value) for name, value in (item.split("=") for item in batch.split(","))}
+        else:
+            per_preset = {name: int(batch) for name in sizes.train}
+        train = {name: dataclasses.replace(w, batch=per_preset.get(name, w.batch)) for name, w in sizes.train.items()}
+        sizes = dataclasses.replace(sizes, train=train)
+    workers = os.environ.get("SMOOTHSA_BENCH_WORKERS")
+    if workers:
+        sizes = dataclasses.replace(sizes, end_to_end=dataclasses.replace(sizes.end_to_end, workers=int(workers)))
+    rounds = os.environ.get("SMOOTHSA_BENCH_ROUNDS")
+    if rounds:
+        sizes = dataclasses.replace(sizes, rounds=int(rounds))
+    return sizes
+
+
+SIZES = _sizes_from_environment(SIZES)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return DEVICE

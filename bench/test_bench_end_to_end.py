@@ -17,6 +17,7 @@ the smoke sizes. `extra_info` records images/s and how long the loop was blocked
 DALI rows are skipped unless `nvidia.dali` is importable. The loader-only benchmark is bench/test_bench_loader.py.
 """
 import importlib.util
+import os
 import time
 
 import pytest
@@ -46,7 +47,7 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
     e2e = sizes.end_to_end
     workload = e2e.workload
     preset = workload.config(fused=CUDA)
-    amp = "fp16" if CUDA else "none"
+    amp = os.environ.get("SMOOTHSA_BENCH_AMP", "fp16") if CUDA else "none"
     step = training_step(preset, amp, "default" if CUDA else None)
     loader = loader_for(preset, coco_like, "train", workload.batch, True, e2e.workers, backend, seed=0,
                         device=device if backend == "dali" else None)
@@ -90,7 +91,7 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
         steps_per_epoch=steps,
         dataset_images=e2e.images,
         image_size=(e2e.height, e2e.width),
-        model_variant="fused-fp16-compile" if CUDA else "eager-fp32",
+        model_variant=f"fused-{amp}-compile" if CUDA else "eager-fp32",
         model_overrides=workload.overrides,
         loader_wait_fraction=blocked / total,
         first_batch_wait_s=first / len(timed),

@@ -8,8 +8,10 @@ rows are five ways to run the same step, `smoothsa.trainer.Trainer.step` (see `T
     (c) fused-fp16             fused Triton slot-attention kernels + fp16 autocast
     (d) fused-fp16-compile     (c) with torch.compile(model)
     (e) fused-fp16-cudagraphs  (d) with mode="reduce-overhead" (CUDA graphs where inductor can use them)
+    (f) fused-bf16-compile     (d) under bf16 autocast (no loss scaling)
+    (g) fused-bf16-cudagraphs  (f) with mode="reduce-overhead"
 
-(c)-(e) run on CUDA only: on the CPU Triton runs its interpreter, which would time Python. Compiling and CUDA-graph
+(c)-(g) run on CUDA only: on the CPU Triton runs its interpreter, which would time Python. Compiling and CUDA-graph
 recording happen in the warm-up rounds. `extra_info` records images/s (frames/s for video), the peak CUDA memory of
 the timed rounds, the model FLOPs of a step (`train_flops_per_image`, formula below), the achieved FLOP/s and, on
 known GPUs, its fraction of the dense fp16/bf16 tensor-core peak; the JSON hook in conftest adds each row's speedup
@@ -161,7 +163,7 @@ def test_flop_formula_matches_flop_counter(preset, frames, slots, backbone):
 class Variant:
     name: str
     fused: bool
-    amp: str  # "none" | "fp16", as smoothsa.train.RunOptions.amp
+    amp: str  # "none" | "fp16" | "bf16", as smoothsa.train.RunOptions.amp
     compile: str | None = None  # torch.compile mode; None: eager
     cuda_only: bool = False
 
@@ -172,6 +174,8 @@ VARIANTS = [
     Variant("fused-fp16", fused=True, amp="fp16", cuda_only=True),
     Variant("fused-fp16-compile", fused=True, amp="fp16", compile="default", cuda_only=True),
     Variant("fused-fp16-cudagraphs", fused=True, amp="fp16", compile="reduce-overhead", cuda_only=True),
+    Variant("fused-bf16-compile", fused=True, amp="bf16", compile="default", cuda_only=True),
+    Variant("fused-bf16-cudagraphs", fused=True, amp="bf16", compile="reduce-overhead", cuda_only=True),
 ]
 PRESETS = ["smoothsa_r-coco", "smoothsav_c-movi_c"]
 

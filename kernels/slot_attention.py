@@ -55,6 +55,16 @@ Under autocast the public function casts q, k, v and the GRU parameters to the a
 does for matmuls; the hidden state keeps its own dtype and `slots` comes out in it, as the reference's
 `hidden - n` type promotion would give.
 
+Autotuning. The attention kernels are timed over BLOCK_N × num_warps × num_stages; `pruned_configs` keeps the
+configs whose tiles fit a token split, whose shared memory fits the GPU, and whose resident tiles fit a per-thread
+budget below which ptxas allocates them without spilling registers (`TILE_BUDGET`, measured). `kernels/aot.py`
+compiles the kept configs ahead of time for Hopper (sm_90) without a GPU and reads what each binary needs;
+`python bench/aot_table.py` prints it, and tests/kernels/test_aot.py asserts no spills for fp16 and bf16.
+
+Triton versions: 3.6 (the one beside torch 2.11) and 3.9 are checked: the interpreter tests pass and every kept
+fp16/bf16 config compiles for sm_90 without spills under both. Triton 3.6's interpreter needs NumPy < 2.4 (it
+turns one-element arrays into loop bounds with int(), which NumPy 2.4 refuses); compiled kernels do not care.
+
 torch.compile: the step is a `torch.library.custom_op` (forward and backward each one opaque op with a fake
 implementation), and `register_autograd` is its `torch.autograd.Function`, so Dynamo traces the caller with
 no graph break and AOTAutograd sees the backward as one op too.
@@ -310,11 +320,6 @@ def _gru_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------ autotune configs
 
-# Rough register budget per thread for the live tiles; beyond it ptxas spills to local memory.
-REGISTER_BUDGET = 192
-# Shared memory for the pipelined k/v tiles and the resident q (A100 has 164 KiB per block, H100/H200 227 KiB).
-SHARED_MEMORY_BUDGET = 160 * 1024
-
 
 def _attention_configs() -> list[triton.Config]:
     return [
@@ -325,63 +330,83 @@ def _attention_configs() -> list[triton.Config]:
     ]
 
 
-def _live_registers_fwd(s_pad: int, d: int, block_n: int, element_bytes: int) -> float:
-    """32-bit registers for the live tiles: q, k, v in the storage dtype; acc, logits, a0 in fp32."""
-    return ((s_pad + 2 * block_n) * d * element_bytes + (s_pad * d + 2 * s_pad * block_n) * 4) / 4
+# Shared memory per block: Hopper (H100, H200) 227 KiB of its 228 KiB per SM; A100 163 KiB.
+HOPPER_SHARED = 227 * 1024
+
+# Under the interpreter there is no timer to tune with: one config, 32-token tiles, so the tests see several tiles
+# per split and masked tails. (A single config is never benchmarked, by any Triton version.)
+INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)
 
 
-def _live_registers_bwd(s_pad: int, d: int, block_n: int, element_bytes: int) -> float:
-    """q, k, v in the storage dtype; du, u, dq, the dk/dv tiles and the (S, BLOCK_N) tiles in fp32."""
-    return ((s_pad + 2 * block_n) * d * element_bytes + (3 * s_pad * d + 2 * block_n * d + 4 * s_pad * block_n) * 4) / 4
+# Elements of the resident (S_PAD + BLOCK_N) × D tiles per thread up to which a config compiles without register
+# spills on sm_90, per kernel and operand width (bytes). The forward keeps q and the (S, D) fp32 accumulator
+# resident, the backward q, du, dq and the dk, dv tiles, hence its lower budget; fp32 operands take about twice
+# the registers. Measured with `kernels/aot.py` at D = 256: 16-bit backward configs at 96 elements spill 8 bytes
+# per thread, at 128 up to 1 KiB; float32 at 64 spills up to 6 KiB (forward) and at 48 64 bytes (backward).
+# tests/kernels/test_aot.py compiles every config kept for fp16 and bf16 at the paper's shapes and fails on a spill.
+TILE_BUDGET = {("fwd", 2): 192, ("bwd", 2): 80, ("fwd", 4): 48, ("bwd", 4): 32}
 
 
-def _prune(live_registers):
-    """Pruning predicate: drop tiles longer than a token split and tiles that would spill registers or
-    overflow shared memory.
+def tile_elements_per_thread(config: triton.Config, s_pad: int, dim: int) -> float:
+    return (s_pad + config.kwargs["BLOCK_N"]) * dim / (32 * config.num_warps)
 
-    Under the interpreter there is no timer to tune with: keep one config (32-token tiles, so the tests see
-    several tiles per split and masked tails).
+
+def shared_bytes_bound(config: triton.Config, s_pad: int, dim: int, element_bytes: int) -> int:
+    """An upper bound of the shared memory per block: the k and v tiles of every pipeline stage plus two
+    (S_PAD, D) tiles (measured at the paper's shapes: at most 100 % of it, `tests/kernels/test_aot.py`)."""
+    return (config.num_stages * 2 * config.kwargs["BLOCK_N"] + 2 * s_pad) * dim * element_bytes
+
+
+def pruned_configs(arguments: dict, backward: bool = False, shared_limit: int = HOPPER_SHARED) -> list[triton.Config]:
+    """The autotune configs worth timing for one launch of the attention kernels (`arguments`: its launch
+    arguments by name, constexprs included; `shared_limit`: the GPU's shared memory per block):
+
+    * tiles no longer than a token split (a longer tile only computes masked tokens);
+    * 3 pipeline stages only where the token loop runs at least 3 tiles (with 1 or 2 there is nothing more to
+      overlap than with 2 stages);
+    * shared memory within the limit (`shared_bytes_bound`);
+    * resident tiles within `TILE_BUDGET`, so the binary spills no registers; if no config is within it (float32
+      with many slots), the one with the fewest resident elements.
     """
+    tokens, s_pad, dim = arguments["TOKENS_PER_SPLIT"], arguments["S_PAD"], arguments["D"]
+    element_bytes = 4 if arguments["DOT_DTYPE"] == tl.float32 else 2
+    longest = max(16, triton.next_power_of_2(tokens))
+    budget = TILE_BUDGET[("bwd" if backward else "fwd", element_bytes)]
+    candidates = [
+        c for c in _attention_configs()
+        if c.kwargs["BLOCK_N"] <= longest and (c.num_stages <= 2 or tokens >= 3 * c.kwargs["BLOCK_N"])
+        and shared_bytes_bound(c, s_pad, dim, element_bytes) <= shared_limit
+    ]  # fmt: skip
+    kept = [c for c in candidates if tile_elements_per_thread(c, s_pad, dim) <= budget]
+    return kept or [min(candidates, key=lambda c: (tile_elements_per_thread(c, s_pad, dim), c.num_stages))]
 
+
+def _prune(backward: bool):
     def prune(configs, named_args, **kwargs):
-        if INTERPRET:
-            return [next(c for c in configs if c.kwargs["BLOCK_N"] == 32)]
-        args = {**named_args, **kwargs}  # positional and keyword launch arguments
-        s_pad, d = args["S_PAD"], args["D"]
-        longest = max(16, triton.next_power_of_2(args["TOKENS_PER_SPLIT"]))
-        element_bytes = args["DOT_DTYPE"].primitive_bitwidth // 8
-
-        def per_thread(config):
-            return live_registers(s_pad, d, config.kwargs["BLOCK_N"], element_bytes) / (32 * config.num_warps)
-
-        def shared_bytes(config):
-            return (config.num_stages * 2 * config.kwargs["BLOCK_N"] + s_pad) * d * element_bytes
-
-        kept = [
-            c for c in configs
-            if c.kwargs["BLOCK_N"] <= longest and per_thread(c) <= REGISTER_BUDGET
-            and shared_bytes(c) <= SHARED_MEMORY_BUDGET
-        ]  # fmt: skip
-        return kept or [min(configs, key=lambda c: (shared_bytes(c), per_thread(c)))]
+        device = triton.runtime.driver.active.get_current_device()
+        shared_limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+        return pruned_configs({**named_args, **kwargs}, backward, shared_limit)  # positional and keyword arguments
 
     return prune
 
 
-_slot_attention_fwd = triton.autotune(
-    configs=_attention_configs(),
-    key=["S_PAD", "D", "TOKENS_PER_SPLIT", "DOT_DTYPE"],
-    prune_configs_by={"early_config_prune": _prune(_live_registers_fwd)},
-)(_slot_attention_fwd_kernel)
+def _autotuned(kernel, key: list[str], backward: bool):
+    if INTERPRET:
+        return triton.autotune(configs=[INTERPRETER_CONFIG], key=key)(kernel)
+    return triton.autotune(
+        configs=_attention_configs(), key=key, prune_configs_by={"early_config_prune": _prune(backward)}
+    )(kernel)
 
-_slot_attention_bwd = triton.autotune(
-    configs=_attention_configs(),
-    key=["S_PAD", "D", "TOKENS_PER_SPLIT", "DOT_DTYPE", "HAS_DATTN"],
-    prune_configs_by={"early_config_prune": _prune(_live_registers_bwd)},
-)(_slot_attention_bwd_kernel)
+
+ATTENTION_FWD_KEY = ["S_PAD", "D", "TOKENS_PER_SPLIT", "DOT_DTYPE"]
+ATTENTION_BWD_KEY = ["S_PAD", "D", "TOKENS_PER_SPLIT", "DOT_DTYPE", "HAS_DATTN"]
+_slot_attention_fwd = _autotuned(_slot_attention_fwd_kernel, ATTENTION_FWD_KEY, backward=False)
+_slot_attention_bwd = _autotuned(_slot_attention_bwd_kernel, ATTENTION_BWD_KEY, backward=True)
 
 # The GRU kernels are elementwise and memory-bound; one block size serves every shape.
 GRU_BLOCK = 1024
 GRU_WARPS = 4
+GRU_STAGES = 3  # Triton's default; nothing to pipeline
 
 
 # -------------------------------------------------------------------------------------------- host functions
@@ -400,14 +425,15 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _num_token_splits(batch: int, tokens: int, device: torch.device) -> int:
+def _num_token_splits(batch: int, tokens: int, sms: int) -> int:
     """Programs per batch element: enough for ~2 programs per SM, but no split shorter than 64 tokens."""
-    wanted = triton.cdiv(2 * _num_sms(device), batch)
+    wanted = triton.cdiv(2 * sms, batch)
     return max(1, min(wanted, triton.cdiv(tokens, 64)))
 
 
-def _token_split(batch: int, tokens: int, device: torch.device) -> tuple[int, int]:
-    splits = _num_token_splits(batch, tokens, device)
+def token_split(batch: int, tokens: int, sms: int) -> tuple[int, int]:
+    """(splits, tokens per split) of the attention kernels' grid (B, splits) on a GPU with `sms` SMs."""
+    splits = _num_token_splits(batch, tokens, sms)
     tokens_per_split = triton.cdiv(tokens, splits)
     return triton.cdiv(tokens, tokens_per_split), tokens_per_split  # no empty trailing split
 
@@ -426,7 +452,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, eps: float
     """Launches the forward attention kernel. Returns a0 (B, S, N) in q's dtype, c (B, S) and u (B, S, D) fp32."""
     batch, slots, dim = q.shape
     tokens = k.shape[1]
-    splits, tokens_per_split = _token_split(batch, tokens, q.device)
+    splits, tokens_per_split = token_split(batch, tokens, _num_sms(q.device))
     attn = _empty((batch, slots, tokens), q.dtype, q.device)
     mass_partial = _empty((batch, splits, slots), torch.float32, q.device)
     acc_partial = _empty((batch, splits, slots, dim), torch.float32, q.device)
@@ -468,7 +494,7 @@ def _attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     batch, slots, dim = q.shape
     tokens = k.shape[1]
-    splits, tokens_per_split = _token_split(batch, tokens, q.device)
+    splits, tokens_per_split = token_split(batch, tokens, _num_sms(q.device))
     dq_partial = _empty((batch, splits, slots, dim), torch.float32, q.device)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)

@@ -1,4 +1,5 @@
-"""`build_model`: a preset name (or `ModelConfig`) → the model, with the official module layout."""
+"""`build_model`: a preset name (or `ModelConfig`) → the model, with the official module layout; `compile_model`:
+the parts of it that `torch.compile` should trace."""
 import dataclasses
 
 import torch.nn as nn
@@ -53,6 +54,24 @@ def _build_distill(config: ModelConfig, backbone: bool) -> nn.Module:
     )
     student = dataclasses.replace(config, arch="spot", discovery=None)
     return SPOTDistill(_build_discovery(teacher, backbone), _build_discovery(student, backbone, finetune=True))
+
+
+def compile_model(model: nn.Module, **options) -> nn.Module:
+    """Compiles `model` in place with `torch.compile(**options)` (e.g. `mode="reduce-overhead"`) and returns it.
+
+    In place (`nn.Module.compile`), so the state_dict keeps the official keys (no `_orig_mod.` prefix). Every
+    discovery model traces as one graph in training, with no graph break. A recognition model compiles its
+    frozen discovery model only: the Hungarian matching that follows runs on the host (scipy) by design, and the
+    probe, an MLP on the K matched slots (K differs per batch), stays eager.
+
+    Box-conditioned video models take as many slots as the batch has (padded) boxes; `smoothsa.tasks.ImageDiscovery.inputs`
+    marks that axis dynamic, so one graph serves every slot count. Switching between `train()` and `eval()`
+    compiles a second graph once (the mode is part of the trace); the two are then reused.
+    """
+    from smoothsa.recognition import ObjDiscovRecogn
+
+    (model.discov if isinstance(model, ObjDiscovRecogn) else model).compile(**options)
+    return model
 
 
 def _discovery_arch(config: ModelConfig) -> str:

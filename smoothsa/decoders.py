@@ -176,7 +176,8 @@ class AR9TransformerDecoder(_SlotDecoder):
         resolut: the token grid (H, W).
         embed_dim, slot_dim, num_layers, num_heads, ffn_dim: as `ARRandTransformerDecoder`.
 
-    Training picks one order uniformly at random, evaluation uses raster order, unless `order` is given.
+    Training picks one order uniformly at random, evaluation uses raster order, unless `order` (an int, or a
+    long tensor of one element) is given.
     No positional embedding.
 
     Shapes: input (B, N, D) feature tokens, slots (B, S, Ds) → recon (B, N, D), attn (B, S, N).
@@ -196,15 +197,20 @@ class AR9TransformerDecoder(_SlotDecoder):
         self.register_buffer("perm", spot_orders(*resolut), persistent=False)
         self._build(embed_dim, slot_dim, num_layers, num_heads, ffn_dim)
 
-    def forward(self, input: torch.Tensor, slots: torch.Tensor, order: int | None = None):
+    def forward(self, input: torch.Tensor, slots: torch.Tensor, order: int | torch.Tensor | None = None):
         self._check(input, slots)
         b, n, _ = input.shape
         if n != self.perm.shape[1]:
             raise ValueError(f"AR9TransformerDecoder: built for {self.perm.shape[1]} tokens, got {n}")
         if order is None:
-            order = int(torch.randint(0, 9, ()).item()) if self.training else 0
-        perm = self.perm[order]  # (N,)
-        shifted = torch.cat([self.bos[order].expand(b, 1, -1).to(input.dtype), input[:, perm[:-1]]], dim=1)
+            # The training order stays on the device, a (1,) tensor that selects by indexing: no host sync, and
+            # one compiled graph serves all nine orders. (The official code draws it with np.random.choice.)
+            order = torch.randint(0, 9, (1,), device=input.device) if self.training else 0
+        elif torch.is_tensor(order):
+            order = order.reshape(1)
+        perm = self.perm[order].view(n)  # (N,)
+        start = self.bos[order].view(1, 1, -1).expand(b, 1, -1)  # (B, 1, D)
+        shifted = torch.cat([start.to(input.dtype), input[:, perm[:-1]]], dim=1)
         query = self.project1(shifted)  # (B, N, D)
         memory = self.project2(slots)
         out, attn = self.backbone(self.norm0(query), memory, causal=True)  # in permuted order

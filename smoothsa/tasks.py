@@ -84,7 +84,12 @@ class ImageDiscovery(Task):
         """(pixels, condit): the images or videos, and the per-frame boxes of box-conditioned models."""
         if self.boxes and "bbox" not in batch:
             raise KeyError(f"preset {self.preset.name} conditions on boxes, but the batch has no 'bbox' (keys: {sorted(batch)})")
-        return batch[self.pixels], batch["bbox"] if self.boxes else None
+        if not self.boxes:
+            return batch[self.pixels], None
+        boxes = batch["bbox"]  # (B, [T,] S, 4): S is the batch's padded box count and differs between batches
+        if not torch.compiler.is_compiling():  # one compiled graph for every S (marked outside the traced code)
+            torch._dynamo.maybe_mark_dynamic(boxes, boxes.dim() - 2)
+        return batch[self.pixels], boxes
 
     def forward(self, model: nn.Module, batch: dict):
         pixels, condit = self.inputs(batch)

@@ -113,3 +113,20 @@ def test_sincos_table_start_and_bad_arguments():
         ARRandTransformerDecoder(pe_init="zeros")
     with pytest.raises(ValueError, match=r"p must lie in \[0, 1\]"):
         ARRandTransformerDecoder(p=1.5)
+
+
+def test_ar9_training_order_is_a_device_draw_of_the_same_rng():
+    """The training order is drawn as a tensor (no host sync) from the same generator state as a Python int
+    `torch.randint(0, 9, ())` would be, and a tensor order selects exactly what the int does."""
+    decoder = _decoder(AR9TransformerDecoder, resolut=(4, 4))
+    tokens, slots = _inputs(n=16)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        order = int(torch.randint(0, 9, ()).item())
+        torch.manual_seed(seed)
+        drawn = decoder.train()(tokens, slots)
+        given = decoder(tokens, slots, order=order)
+        as_tensor = decoder(tokens, slots, order=torch.tensor(order))
+        for out in (given, as_tensor):
+            torch.testing.assert_close(drawn[0], out[0], atol=0, rtol=0)
+            torch.testing.assert_close(drawn[1], out[1], atol=0, rtol=0)

@@ -1,0 +1,41 @@
+"""bench/gpu.sh --dry-run: the prepared GPU run, on the CPU at the benchmarks' tiny sizes, writes its JSON and its
+Markdown, with every phase and every row it asked for accounted for."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run_writes_results(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHON": sys.executable}
+    result = subprocess.run([str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--out", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (json_path,) = tmp_path.glob("cpu-dry-run-*.json")
+    markdown = json_path.with_suffix(".md").read_text()
+    document = json.loads(json_path.read_text())
+    run = document["gpu_run"]
+    assert run["dry_run"] is True and run["environment"]["torch"]
+    phases = {p["phase"]: p["status"] for p in run["phases"]}
+    assert phases == {"install": "skipped", "environment": "ok", "cuda_tests": "ok", "train_step_b1": "ok",
+                      "train_step_b4": "ok", "end_to_end": "ok"}, run["phases"]  # fmt: skip
+    assert run["cuda_tests"]["skipped"] > 0 and run["cuda_tests"]["failed"] == 0  # no GPU: every cuda test skips
+    rows = {(r["phase"], r["row"]): r for r in run["rows"]}
+    for phase in ("train_step_b1", "train_step_b4"):
+        for preset in ("smoothsa_r-coco", "smoothsav_c-movi_c"):
+            assert rows[(phase, f"test_bench_train_step[{preset}-eager-fp32]")]["status"] == "passed"
+            assert rows[(phase, f"test_bench_train_step[{preset}-eager-fp16]")]["status"] == "passed"
+            compiled = rows[(phase, f"test_bench_train_step[{preset}-fused-bf16-compile]")]
+            assert compiled["status"] == "skipped" and "CUDA only" in compiled["reason"]
+    assert rows[("end_to_end", "test_bench_end_to_end[torch]")]["status"] == "passed"
+    # The two batch sizes are separate groups; each result carries its phase and throughput.
+    groups = {entry["group"] for entry in document["benchmarks"]}
+    assert {"train_step smoothsa_r-coco B=2", "train_step smoothsa_r-coco B=4"} <= groups
+    assert all(entry["extra_info"]["images_per_s"] > 0 for entry in document["benchmarks"])
+    assert "| train_step_b4 | ok |" in markdown and "| benchmark | variant | median |" in markdown

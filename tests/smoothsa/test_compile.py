@@ -1,0 +1,157 @@
+"""torch.compile on every model kind: no graph breaks in the training forward and losses, and no recompiles in
+steady state (same shapes; box-conditioned video with a new slot count every batch; back and forth between
+training and validation).
+
+Tiny models on the CPU. `torch._dynamo.explain` traces forward + losses without compiling them; the recompile
+tests compile through a counter that sees every graph dynamo hands to the backend (`eager`, or `aot_eager` where
+AOTAutograd must trace the backward with a symbolic slot count): a graph break or a recompile would show as a
+second graph.
+"""
+import dataclasses
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from smoothsa import build_model, compile_model
+from smoothsa.presets import get_preset
+from smoothsa.tasks import task_for
+
+TINY = {"backbone": "patch", "image_size": 32, "grid": 4, "decoder_layers": 1, "feature_dim": 32, "slot_dim": 32}
+DISCOVERY = ["smoothsa_r-coco", "spot_r-coco", "smoothsav_c-movi_c", "smoothsav_r-ytvis"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _tiny(name: str, **model):
+    preset = get_preset(name)
+    preset.model = dataclasses.replace(preset.model, **(TINY | model))
+    torch.manual_seed(0)
+    return preset, build_model(preset.model).train()
+
+
+def _batch(preset, slots: int = 3, seed: int = 0) -> dict:
+    """A random batch in the loaders' format: 2 images or 2 clips of 3 frames; boxes (l < r, t < b) for
+    box-conditioned video and for recognition; segments and classes for recognition (`slots` objects)."""
+    generator = torch.Generator().manual_seed(seed)
+    size = preset.model.image_size
+    video = preset.model.arch == "smoothsa_video"
+    lead = (2, 3) if video else (2,)
+    batch = {"video" if video else "image": torch.randn(*lead, 3, size, size, generator=generator)}
+    if preset.model.initializer == "mlp_preheated" or preset.model.arch == "recognition":
+        corners = torch.rand(*lead, slots, 2, 2, generator=generator)
+        batch["bbox"] = torch.cat([corners.min(-1).values, corners.max(-1).values], -1)  # (…, S, 4)
+    if preset.model.arch == "recognition":
+        index = torch.randint(0, slots + 1, (*lead, size // 4, size // 4), generator=generator)
+        index = index.repeat_interleave(4, -1).repeat_interleave(4, -2)  # blocks, so some slots match objects
+        batch["segment"] = torch.nn.functional.one_hot(index, slots + 1).bool()  # (…, H, W, R+1)
+        batch["clazz"] = torch.randint(1, 5, (*lead, slots), generator=generator)
+    return batch
+
+
+def _train_step(model, batch, preset) -> None:
+    task = task_for(preset)
+    terms = task.losses(task.forward(model, batch), batch)
+    assert terms is not None, "no slot matched an object: the batch does not exercise the probe"
+    sum(terms.values()).backward()
+
+
+def _breaks(explanation) -> str:
+    return "\n".join(f"{r.reason.splitlines()[0]} at {r.user_stack[-1:] if r.user_stack else '?'}"
+                     for r in explanation.break_reasons)  # fmt: skip
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host (`.item()`, `bool(t)`, `int(t)`, `.tolist()`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", DISCOVERY)
+def test_training_forward_and_backward_read_nothing_on_the_host(name):
+    preset, model = _tiny(name)
+    batch = _batch(preset)
+    with HostReads() as reads:
+        _train_step(model, batch, preset)
+    assert reads.count == 0
+
+
+@pytest.mark.parametrize("name", DISCOVERY)
+def test_training_forward_and_losses_trace_as_one_graph(name):
+    preset, model = _tiny(name)
+    batch = _batch(preset)
+
+    def loss(batch):
+        task = task_for(preset)
+        return sum(task.losses(task.forward(model, batch), batch).values())
+
+    explanation = torch._dynamo.explain(loss)(batch)
+    assert explanation.graph_break_count == 0, _breaks(explanation)
+    assert explanation.graph_count == 1
+
+
+def test_recognition_discovery_traces_as_one_graph():
+    """The compiled part of a recognition model (`compile_model`): the frozen discovery model, in training mode
+    and under inference mode as the probe runs it."""
+    preset, model = _tiny("smoothsa_r_recogn-coco")
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(model.discov)(_batch(preset)["image"])
+    assert explanation.graph_break_count == 0, _breaks(explanation)
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["smoothsa_r-coco", "spot_r-coco", "smoothsa_r_recogn-coco"])
+def test_steady_state_steps_do_not_recompile(name):
+    """Video: `test_box_slot_count_is_dynamic` (the same model with boxes)."""
+    preset, model = _tiny(name)
+    counter = CompileCounterWithBackend("eager")
+    keys = list(model.state_dict())
+    assert compile_model(model, backend=counter) is model
+    assert list(model.state_dict()) == keys  # compiled in place: the official checkpoint keys
+    for seed in range(3):  # new values, same shapes
+        _train_step(model, _batch(preset, seed=seed), preset)
+        assert counter.frame_count == 1, f"step {seed}: {counter.frame_count} graphs compiled"
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert sum(p.grad is not None for p in model.parameters()) > 0  # the backward ran through the compiled graph
+
+
+def test_box_slot_count_is_dynamic():
+    """MOVi: S is the batch's padded box count. One graph, fused slot attention included, serves S = 3, 4 and 5
+    (traced by AOTAutograd, forward and backward, with a symbolic S)."""
+    preset, model = _tiny("smoothsav_c-movi_c", fused=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_model(model, backend=counter)
+    for seed, slots in enumerate((3, 4, 5)):
+        _train_step(model, _batch(preset, slots=slots, seed=seed), preset)
+        assert counter.frame_count == 1, f"S = {slots}: {counter.frame_count} graphs compiled"
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_validation_compiles_once_beside_training():
+    """eval() + no_grad is a second graph, compiled once; training and validation then alternate without
+    recompiling."""
+    preset, model = _tiny("smoothsa_r-coco")
+    counter = CompileCounterWithBackend("eager")
+    compile_model(model, backend=counter)
+    for round in range(2):
+        model.train()
+        _train_step(model, _batch(preset, seed=round), preset)
+        model.eval()
+        with torch.no_grad():
+            batch = _batch(preset, seed=round)
+            task_for(preset).losses(task_for(preset).forward(model, batch), batch)
+        assert counter.frame_count == 2, f"round {round}: {counter.frame_count} graphs compiled"
