@@ -1,6 +1,5 @@
 """End-to-end training throughput with the real data path: LMDB → decode → augment → collate → host-to-device
-→ training step, torch DataLoader vs torch-gpu (workers only decode; the rest runs batched on the device) vs DALI,
-on a synthetic COCO-like LMDB (480×640 JPEGs, written once per session).
+→ training step, torch DataLoader vs DALI, on a synthetic COCO-like LMDB (480×640 JPEGs, written once per session).
 
 A timed round is one epoch of `smoothsa_r-coco` training steps (`TrainingStep` in conftest: the loop of
 `smoothsa.train`, which syncs once per step on the loss). On CUDA the model runs as `smoothsa.train` runs it by
@@ -43,11 +42,7 @@ def coco_like(tmp_path_factory, sizes):
 
 @pytest.mark.parametrize(
     "backend",
-    [
-        "torch",
-        "torch-gpu",
-        pytest.param("dali", marks=pytest.mark.skipif(not DALI, reason="nvidia.dali is not installed")),
-    ],
+    ["torch", pytest.param("dali", marks=pytest.mark.skipif(not DALI, reason="nvidia.dali is not installed"))],
 )
 def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step, coco_like, backend):
     e2e = sizes.end_to_end
@@ -60,7 +55,7 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
     step = training_step(model, net, preset, amp)
     loader = build_loader(preset, coco_like, "train", LoaderOptions(
         batch_size=workload.batch, workers=e2e.workers, backend=backend, seed=0,
-        device_id=(device.index or 0) if CUDA and backend != "torch" else None,
+        device_id=(device.index or 0) if CUDA and backend == "dali" else None,
     ))  # fmt: skip
     epochs = []  # (blocked in next(), of which the first batch, epoch time, steps), one per round
 
