@@ -1,8 +1,9 @@
-"""Loader throughput (images/s): torch DataLoader with 0 and 2 workers vs DALI (CPU mode here).
+"""Loader throughput (images/s): torch DataLoader with 0 and 2 workers, torch-gpu, DALI (CPU mode here).
 
 One training epoch (random crop, resize to 256, flip, normalise, masks) over a synthetic LMDB of
-COCO-sized JPEGs (480x640), batch 16. On a GPU machine, add `device_id=0` to the DALI case to time
-the "mixed" decoder.
+COCO-sized JPEGs (480x640), batch 16. The torch-gpu row runs its device part on cuda:0 where there is one
+(else on the CPU, in the main process). On a GPU machine, add `device_id=0` to the DALI case to time the
+"mixed" decoder.
 
     pytest bench/test_bench_loader.py --benchmark-columns=mean,rounds
     pytest bench/test_bench_loader.py --benchmark-json bench/results/loader-cpu.json
@@ -11,6 +12,7 @@ the "mixed" decoder.
 import os
 
 import pytest
+import torch
 
 from smoothsa.dataio.datasets import COCO
 from smoothsa.dataio.loader import LoaderOptions, make_loader
@@ -37,6 +39,7 @@ def _dali_available() -> bool:
 CASES = [
     pytest.param("torch", 0, id="torch-0-workers"),
     pytest.param("torch", 2, id="torch-2-workers"),
+    pytest.param("torch-gpu", 2, id="torch-gpu-2-workers"),
     pytest.param(
         "dali", 2, id="dali-cpu-2-threads", marks=pytest.mark.skipif(not _dali_available(), reason="DALI not installed")
     ),
@@ -46,7 +49,9 @@ CASES = [
 @pytest.mark.parametrize("backend, workers", CASES)
 def test_loader_images_per_second(benchmark, coco_like, backend, workers):
     dataset = COCO(coco_like, is_training=True, mode="instance", with_bbox=True, with_clazz=True)
-    loader = make_loader(dataset, LoaderOptions(batch_size=BATCH_SIZE, workers=workers, seed=0, backend=backend))
+    device_id = 0 if torch.cuda.is_available() and backend == "torch-gpu" else None
+    options = LoaderOptions(batch_size=BATCH_SIZE, workers=workers, seed=0, backend=backend, device_id=device_id)
+    loader = make_loader(dataset, options)
 
     def epoch() -> int:
         return sum(batch["image"].shape[0] for batch in loader)

@@ -4,8 +4,9 @@ Every reader goes through the same three steps, so the torch and DALI loaders sh
 
 1. `encoded(index)` reads the record and keeps the encoded image bytes (for videos, the frames of the
    clip: a strided random slice in training), plus the fields the post-processing needs;
-2. decoding + `transforms.preprocess` (crop, resize, flip, normalise), here with Pillow and torch,
-   in `dali.py` with DALI;
+2. decoding + `transforms.preprocess` (crop, resize, flip, normalise), here with Pillow and torch
+   (`decoded` draws the crop window and flip), in `dali.py` with DALI, in `device_loader.py` batched on
+   the device;
 3. `finish(encoded, pixels, segment)` turns the resized index map into boolean masks, channel last,
    keeping only the channels the crop left non-empty, and adds the optional `bbox` / `clazz`.
 
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .records import LmdbRecords, RecordError, decode_index, decode_rgb
-from .transforms import PAD_RULES, derive_seed, preprocess, strided_clip_start
+from .transforms import PAD_RULES, CropWindow, derive_seed, draw_params, preprocess, strided_clip_start
 
 
 @dataclass
@@ -202,12 +203,26 @@ class LmdbDataset(Dataset):
     def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
         raise NotImplementedError
 
-    def load(self, index: int, seed: int | None = None) -> dict:
-        """Sample `index`, augmented (in training) with RNGs drawn from `seed` (see `rngs`)."""
+    def decoded(
+        self, index: int, seed: int | None = None
+    ) -> tuple[Encoded, torch.Tensor, torch.Tensor | None, CropWindow, bool]:
+        """Sample `index` decoded to uint8, with the clip, crop window and flip drawn for it from `seed` (in
+        that order, as the official transforms draw them). `load` and the batched device path
+        (`device_loader`) both start here, so they augment every sample alike.
+
+        Shapes:
+            -> pixels (3, H, W) or (T, 3, H, W) uint8 RGB; segment (H, W) or (T, H, W) uint8, or None
+        """
         generator, rng = self.rngs(index, seed)
         encoded = self.encoded(index, rng)
         pixels, segment = self.decode(encoded)
-        pixels, segment = preprocess(pixels, segment, self.is_training, self.resolution, generator=generator, rng=rng)
+        window, flip = draw_params(*pixels.shape[-2:], self.is_training, generator, rng)
+        return encoded, pixels, segment, window, flip
+
+    def load(self, index: int, seed: int | None = None) -> dict:
+        """Sample `index`, augmented (in training) with RNGs drawn from `seed` (see `rngs`)."""
+        encoded, pixels, segment, window, flip = self.decoded(index, seed)
+        pixels, segment = preprocess(pixels, segment, self.is_training, self.resolution, window, flip)
         return self.finish(encoded, pixels, segment)
 
     def __getitem__(self, index: int) -> dict:

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from .transforms import derive_seed
 
-BACKENDS = ("torch", "dali")
+BACKENDS = ("torch", "torch-gpu", "dali")
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,17 @@ class LoaderOptions:
 
     Attributes:
         batch_size: samples per batch (per process).
-        workers: torch: DataLoader worker processes (0: load in this process); dali: CPU threads.
-        backend: "torch" (Pillow + torch transforms) or "dali" (DALI decoding and transforms).
+        workers: torch, torch-gpu: DataLoader worker processes (0: load in this process;
+            `workers.default_workers()` is one per usable CPU but one); dali: CPU threads.
+        backend: "torch" (Pillow + torch transforms in the workers), "torch-gpu" (the workers only decode
+            with Pillow; crop, resize, flip, normalise and masks run batched on `device_id`, in this
+            process) or "dali" (DALI decoding and transforms).
         seed: base seed of the order and the augmentations (module docstring).
         rank, world_size: this process's share of every epoch (see `epoch_order`).
-        device_id: dali: CUDA device of the pipeline (None: CPU only).
-        pin_memory: torch: pin batches in host memory.
+        device_id: the CUDA device of the dali pipeline or of the torch-gpu transforms, where their
+            batches come back (None: the CPU).
+        pin_memory: torch: pin batches in host memory (torch-gpu pins its uint8 batches whenever
+            `device_id` is set).
         keys: the batch keys to carry (e.g. ("image",) for training a discovery model); None: every key
             the reader produces. Fields no key needs are not decoded.
         drop_last: drop the last incomplete batch; None: drop it when the reader is training.

@@ -1,4 +1,5 @@
-"""Batch loaders: torch DataLoader or DALI, yielding the same batch dict (switch with one option).
+"""Batch loaders: torch DataLoader, torch-gpu (`device_loader`) or DALI, yielding the same batch dict (switch
+with one option).
 
     loader = make_loader(COCO("data/coco/train.lmdb", is_training=True), LoaderOptions(batch_size=32, workers=4))
     for epoch in range(epochs):
@@ -17,12 +18,13 @@ Order, augmentations and resuming: see `epochs`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .datasets import LmdbDataset
+from .device_loader import RawBatch, RawSamples, collate_raw, transform_raw
 from .epochs import EpochLoader, EpochView, LoaderOptions, augment_seed, seed_worker, single_threaded
 from .transforms import derive_seed, pad_collate
 
@@ -31,16 +33,29 @@ class TorchLoader(EpochLoader):
     """Iterating yields one epoch of padded batches (Pillow decoding, torch transforms); each pass is a
     new epoch. Args: as `epochs.EpochLoader` (`options.workers` DataLoader processes, `options.pin_memory`)."""
 
-    def __iter__(self) -> Iterator[dict]:
+    @property
+    def pin_memory(self) -> bool:
+        """Whether the DataLoader pins what its workers hand over."""
+        return self.options.pin_memory
+
+    def epoch_samples(self, seed: int) -> Dataset:
+        """What the workers index in one epoch (augmentation seed `seed`): the samples, with `keys` only."""
+        return EpochView(self.dataset, seed, self.keys)
+
+    def collate_fn(self) -> Callable:
+        """What the workers make of a list of samples: the batch."""
+        return partial(pad_collate, pad_rules=self.dataset.pad_rules)
+
+    def __iter__(self) -> Iterator:
         epoch, _, order = self._start_epoch()
         workers = self.options.workers
         loader = DataLoader(
-            EpochView(self.dataset, augment_seed(self.seed, epoch), self.keys),  # copied into the workers
+            self.epoch_samples(augment_seed(self.seed, epoch)),  # copied into the workers
             batch_size=self.batch_size,
             sampler=order,
             num_workers=workers,
-            collate_fn=partial(pad_collate, pad_rules=self.dataset.pad_rules),
-            pin_memory=self.options.pin_memory,
+            collate_fn=self.collate_fn(),
+            pin_memory=self.pin_memory,
             drop_last=self.drop_last,
             worker_init_fn=partial(seed_worker, seed=self.seed, epoch=epoch) if workers else None,
             # Without its own generator a DataLoader draws its base seed from the global torch RNG when an
@@ -58,6 +73,41 @@ class TorchLoader(EpochLoader):
             if batch is None:
                 return
             yield batch
+
+
+class DeviceLoader(TorchLoader):
+    """The `torch-gpu` loader (`device_loader`): iterating yields one epoch of padded batches whose workers only
+    decode, transformed on the device; each pass is a new epoch.
+
+    Args: as `epochs.EpochLoader` (same seed, order, augmentations and resuming as the `torch` loader);
+        `options.workers` DataLoader processes that decode, `options.device_id` the CUDA device where the
+        batches are transformed and returned (None: the CPU, in this process). On CUDA the uint8 batches
+        are pinned.
+    """
+
+    def __init__(self, dataset: LmdbDataset, options: LoaderOptions):
+        super().__init__(dataset, options)
+        self.device = torch.device("cpu") if options.device_id is None else torch.device("cuda", options.device_id)
+        # the index maps travel only when a key is made from them (masks, boxes, classes)
+        self.with_segment = dataset.with_segment and any(key != dataset.pixel_key for key in self.keys)
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.options.pin_memory or self.device.type == "cuda"
+
+    def epoch_samples(self, seed: int) -> RawSamples:
+        return RawSamples(self.dataset, seed, self.with_segment)
+
+    def collate_fn(self) -> Callable:
+        return collate_raw
+
+    def raw_batches(self) -> Iterator[RawBatch]:
+        """The next epoch as the workers hand it over (pinned on CUDA), before the device part."""
+        return super().__iter__()
+
+    def __iter__(self) -> Iterator[dict]:
+        for raw in self.raw_batches():
+            yield transform_raw(self.dataset, raw, self.device, self.keys)
 
 
 def make_loader(dataset: LmdbDataset, options: LoaderOptions) -> EpochLoader:
@@ -83,4 +133,6 @@ def make_loader(dataset: LmdbDataset, options: LoaderOptions) -> EpochLoader:
         from .dali import DaliLoader  # optional dependency, imported only when asked for
 
         return DaliLoader(dataset, options)
+    if options.backend == "torch-gpu":
+        return DeviceLoader(dataset, options)
     return TorchLoader(dataset, options)

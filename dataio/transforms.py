@@ -156,12 +156,12 @@ _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std per channel, in float32 as the official `Normalize`.
+    """(x - mean) / std per channel, in float32 as the official `Normalize`, on the image's device.
 
     Shapes:
         image: (..., 3, H, W) uint8 -> (..., 3, H, W) float32
     """
-    return (image.float() - _MEAN) / _STD
+    return (image.float() - _MEAN.to(image.device)) / _STD.to(image.device)
 
 
 def preprocess(

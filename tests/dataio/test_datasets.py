@@ -415,7 +415,7 @@ def test_empty_split_is_an_error(tmp_path):
 
 
 def test_loader_options_are_checked():
-    with pytest.raises(ValueError, match="backend must be one of torch, dali"):
+    with pytest.raises(ValueError, match="backend must be one of torch, torch-gpu, dali"):
         LoaderOptions(backend="cuda")
     with pytest.raises(ValueError, match="rank 2 outside 0..1"):
         LoaderOptions(rank=2, world_size=2)

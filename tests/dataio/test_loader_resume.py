@@ -1,4 +1,4 @@
-"""A resumed epoch continues with exactly the batches a run had not seen yet, on both loaders."""
+"""A resumed epoch continues with exactly the batches a run had not seen yet, on every loader."""
 import pytest
 import torch
 
@@ -16,7 +16,7 @@ def _loader(path, backend):
     return make_loader(ClevrTex(path, is_training=True, resolution=32), LoaderOptions(batch_size=4, seed=3, backend=backend))
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "torch-gpu", "dali"])
 def test_skip_batches_resumes_mid_epoch(split, backend):
     loader = _loader(split, backend)
     loader.set_epoch(2)

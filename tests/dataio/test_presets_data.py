@@ -102,6 +102,8 @@ def test_keys_decide_what_training_batches_carry(tmp_path):
         build_loader(preset, tmp_path, "train", LoaderOptions(keys=("video", "clazz")))
     val = build_loader(preset, tmp_path, "train", LoaderOptions(batch_size=3), is_training=False)
     assert not val.shuffle and not val.drop_last and len(val) == 2
+    gpu = build_loader(preset, tmp_path, "train", LoaderOptions(batch_size=2, keys=("video",), backend="torch-gpu"))
+    assert list(next(iter(gpu))) == ["video"] and gpu.device == torch.device("cpu")
 
 
 def _relative_imports(path: Path) -> tuple[set[str], set[str]]:

@@ -1,0 +1,264 @@
+"""The batched device transforms and the `torch-gpu` loader against the per-sample `torch` path, on CPU tensors.
+
+Images must be within one uint8 level of `transforms.preprocess` (and equal almost everywhere), index maps,
+masks, boxes and classes identical, for the same windows and flips; inputs of mixed, odd, portrait and
+smaller-than-the-output sizes share a batch, and the padding between them is poisoned.
+"""
+
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smoothsa.dataio import DeviceLoader, LoaderOptions, make_loader
+from smoothsa.dataio.datasets import COCO, MOVi, VOC, YTVIS, ClevrTex
+from smoothsa.dataio.device_loader import RawSamples, collate_raw
+from smoothsa.dataio.device_transforms import antialias_taps, nearest_exact_index, preprocess_batch
+from smoothsa.dataio.records import encode_jpeg, encode_png, write_records
+from smoothsa.dataio.synthetic import write_synthetic
+from smoothsa.dataio.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_crop_window,
+    preprocess,
+    random_crop_window,
+)
+from smoothsa.dataio.workers import default_workers
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+# (height, width): odd, portrait, landscape, smaller than the output, one pixel wide, exactly the output
+SIZES = [(240, 320), (321, 199), (97, 131), (480, 640), (256, 256), (37, 1), (1, 300), (511, 257)]
+
+
+def levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| of normalised images, in uint8 levels. Shapes: (..., 3, R, R)."""
+    return ((a - b).abs() * STD).round()
+
+
+def padded(tensors: list[torch.Tensor], poison: int) -> torch.Tensor:
+    """Stacks tensors padded to the largest height and width with `poison` (padding must never be read)."""
+    height = max(t.shape[-2] for t in tensors)
+    width = max(t.shape[-1] for t in tensors)
+    out = torch.full((len(tensors), *tensors[0].shape[:-2], height, width), poison, dtype=torch.uint8)
+    for slot, tensor in zip(out, tensors):
+        slot[..., : tensor.shape[-2], : tensor.shape[-1]] = tensor
+    return out
+
+
+@pytest.mark.parametrize("is_training", [True, False])
+@pytest.mark.parametrize("frames", [None, 3])
+def test_batch_matches_per_sample_preprocess(is_training, frames):
+    generator = torch.Generator().manual_seed(1)
+    lead = () if frames is None else (frames,)
+    images, segments, windows, flips, expected = [], [], [], [], []
+    for number, (height, width) in enumerate(SIZES):
+        image = torch.randint(0, 256, (*lead, 3, height, width), dtype=torch.uint8, generator=generator)
+        segment = torch.randint(0, 9, (*lead, height, width), dtype=torch.uint8, generator=generator)
+        if is_training:
+            window, flip = random_crop_window(height, width, generator=generator), number % 3 != 0
+        else:
+            window, flip = center_crop_window(height, width), False
+        out = preprocess(image, segment, is_training, 64, window, flip)
+        images.append(image)
+        segments.append(segment)
+        windows.append([window.top, window.left, window.height, window.width])
+        flips.append(flip)
+        expected.append(out)
+    got_images, got_segments = preprocess_batch(
+        padded(images, 255), padded(segments, 7), torch.tensor(windows), torch.tensor(flips), resolution=64
+    )
+    assert got_images.shape == (len(SIZES), *lead, 3, 64, 64) and got_images.dtype == torch.float32
+    assert got_segments.shape == (len(SIZES), *lead, 64, 64) and got_segments.dtype == torch.uint8
+    differ = 0
+    for number, (image, segment) in enumerate(expected):
+        assert torch.equal(got_segments[number], segment), SIZES[number]
+        diff = levels(got_images[number], image)
+        assert diff.max() <= 1, SIZES[number]
+        differ += int(diff.gt(0).sum())
+    assert differ <= 1e-3 * got_images.numel()  # one level only where float32 sums straddle a half level
+
+
+def test_nearest_exact_index_is_interpolate():
+    """Every crop length 1..700 to 256 and 64 (and an upscaling one), against F.interpolate of a ramp."""
+    lengths = torch.arange(1, 701)
+    for resolution in (256, 64, 1000):
+        index = nearest_exact_index(torch.zeros_like(lengths), lengths, resolution, torch.zeros(700, dtype=torch.bool))
+        for length in (1, 2, 3, 255, 256, 257, 333, 479, 480, 640, 700):
+            ramp = torch.arange(length, dtype=torch.float32).view(1, 1, 1, length)
+            expected = F.interpolate(ramp, size=(1, resolution), mode="nearest-exact").flatten().long()
+            assert torch.equal(index[length - 1], expected), (length, resolution)
+
+
+def test_antialias_taps_against_float64():
+    """Weights sum to one, flips reverse them, and resampling with them is F.interpolate in float64."""
+    start = torch.tensor([0, 5, 17, 3])
+    length = torch.tensor([480, 199, 97, 256])
+    flip = torch.tensor([False, True, False, True])
+    index, weight = antialias_taps(start, length, 256, flip, size=700)
+    assert torch.allclose(weight.sum(-1), torch.ones(4, 256))
+    assert (weight >= 0).all() and index.max() < 700
+    signal = torch.rand(700, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for b in range(4):
+        crop = signal[start[b] : start[b] + length[b]].view(1, 1, 1, -1)
+        expected = F.interpolate(crop, size=(1, 256), mode="bilinear", align_corners=False, antialias=True).flatten()
+        if flip[b]:
+            expected = expected.flip(0)
+        got = (signal[index[b]] * weight[b].double()).sum(-1)
+        assert torch.allclose(got, expected, atol=1e-6), b
+
+
+# ------------------------------------------------------------------------------------------------
+# the loaders
+
+
+def assert_same_batches(torch_loader, device_loader, pixel_key: str) -> int:
+    count = 0
+    for a, b in zip(torch_loader, device_loader, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+            if key != pixel_key:
+                assert torch.equal(a[key], b[key]), key
+        diff = levels(a[pixel_key], b[pixel_key].reshape(a[pixel_key].shape))
+        # smooth synthetic frames hit exact half levels (weights like 1/4, 3/4) more often than noise does
+        assert diff.max() <= 1 and diff.gt(0).float().mean() <= 1e-2
+        count += 1
+    return count
+
+
+def mixed_image_records(image_format: str, with_fields: bool) -> list[dict]:
+    """Records of the awkward SIZES with a few rectangles of indices 0..4 (0: background/unannotated)."""
+    rng = np.random.default_rng(0)
+    records = []
+    for height, width in SIZES + SIZES[:3]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        segment = np.zeros((height, width), np.uint8)
+        for value in range(1, 5):
+            top, left = rng.integers(0, height), rng.integers(0, width)
+            segment[top : top + max(height // 3, 1), left : left + max(width // 3, 1)] = value
+        encoded = encode_png(image).tobytes() if image_format == "png" else encode_jpeg(image)
+        record = dict(image=encoded, segment=encode_png(segment))
+        if with_fields:
+            record.update(clazz=np.arange(1, 5, dtype=np.uint8) * 7, isthing=np.array([True, False, True, True]))
+        records.append(record)
+    return records
+
+
+READERS = {
+    "clevrtex": lambda path, train: ClevrTex(path, train),
+    "voc": lambda path, train: VOC(path, train),
+    "coco": lambda path, train: COCO(path, train, mode="instance", with_bbox=True, with_clazz=True),
+    "coco-panoptic": lambda path, train: COCO(path, train, mode="panoptic", with_bbox=True),
+}
+
+
+@pytest.mark.parametrize("is_training", [True, False])
+@pytest.mark.parametrize("kind", list(READERS))
+def test_image_loaders_agree(tmp_path, kind, is_training):
+    records = mixed_image_records("png" if kind == "clevrtex" else "jpeg", with_fields=kind.startswith("coco"))
+    path = write_records(tmp_path / "split.lmdb", records)
+    options = LoaderOptions(batch_size=4, seed=3, drop_last=False)
+    torch_loader = make_loader(READERS[kind](path, is_training), options)
+    device_loader = make_loader(READERS[kind](path, is_training), replace(options, backend="torch-gpu"))
+    for _ in range(2):  # two epochs: new order, new windows and flips, still the same in both
+        assert assert_same_batches(torch_loader, device_loader, "image") == 3
+
+
+def test_windows_and_flips_are_the_torch_paths(tmp_path):
+    """The raw samples carry the windows and flips the per-sample path uses, and both flips occur."""
+    path = write_records(tmp_path / "train.lmdb", mixed_image_records("png", with_fields=False))
+    dataset = ClevrTex(path, is_training=True)
+    raw = RawSamples(dataset, seed=11)
+    flips = set()
+    for index in range(len(dataset)):
+        sample = raw[index]
+        expected = preprocess(sample.pixels, None, False, 256, sample.window, sample.flip)[0]
+        assert torch.equal(dataset.load(index, 11)["image"], expected)  # the same window and flip, drawn again
+        assert sample.encoded.images == [] and sample.segment.dtype == torch.uint8
+        flips.add(sample.flip)
+    assert flips == {True, False}
+    samples = [raw[0], raw[1], raw[2]]
+    batch = collate_raw(samples)
+    height = max(sample.window.height for sample in samples)
+    width = max(sample.window.width for sample in samples)
+    assert batch.pixels.shape == (3, height, width, 3) and batch.segment.shape == (3, height, width)
+    for b, sample in enumerate(samples):  # each sample's window, channel last, at the top left
+        window = sample.window
+        rows, cols = slice(window.top, window.top + window.height), slice(window.left, window.left + window.width)
+        assert batch.windows[b].tolist() == [0, 0, window.height, window.width]
+        channel_last = sample.pixels[:, rows, cols].permute(1, 2, 0)
+        assert torch.equal(batch.pixels[b, : window.height, : window.width], channel_last)
+        assert torch.equal(batch.segment[b, : window.height, : window.width], sample.segment[rows, cols])
+    assert batch.flips.tolist() == [sample.flip for sample in samples]
+
+
+def test_video_loaders_agree(tmp_path):
+    path = write_synthetic(tmp_path, "train", num=4, video=True, height=75, width=101, num_frames=8)
+    movi = lambda: MOVi(path, True, 64, clip_length=3, with_bbox=True)  # noqa: E731
+    torch_loader = make_loader(movi(), LoaderOptions(batch_size=2, seed=5))
+    device_loader = make_loader(movi(), LoaderOptions(batch_size=2, seed=5, backend="torch-gpu"))
+    assert assert_same_batches(torch_loader, device_loader, "video") == 2
+    path = write_synthetic(tmp_path, "val", num=2, video=True, height=48, width=40, num_frames=5, layout="ytvis")
+    ytvis = lambda: YTVIS(path, False, 32, clip_length=None, with_clazz=True)  # noqa: E731
+    torch_loader = make_loader(ytvis(), LoaderOptions())
+    device_loader = make_loader(ytvis(), LoaderOptions(backend="torch-gpu"))
+    assert assert_same_batches(torch_loader, device_loader, "video") == 2
+
+
+def test_workers_and_no_segments(tmp_path):
+    """Two worker processes, segments not decoded, last batch dropped: still the torch loader's batches."""
+    path = write_synthetic(tmp_path, "train", num=7, height=64, width=80, video=True, num_frames=4)
+    make = lambda backend: make_loader(  # noqa: E731
+        MOVi(path, True, 32, clip_length=2, with_segment=False),
+        LoaderOptions(batch_size=3, workers=2, seed=1, backend=backend),
+    )
+    assert assert_same_batches(make("torch"), make("torch-gpu"), "video") == 2
+
+
+def test_clips_of_different_lengths_need_batch_size_one(tmp_path):
+    path = write_synthetic(tmp_path, "val", num=1, video=True, height=16, width=16, num_frames=4)
+    other = write_synthetic(tmp_path / "b", "val", num=1, video=True, height=16, width=16, num_frames=5)
+    samples = [RawSamples(MOVi(p, False, 16, clip_length=None), seed=0)[0] for p in (path, other)]
+    with pytest.raises(ValueError, match="batch_size=1"):
+        collate_raw(samples)
+
+
+def test_default_workers(monkeypatch):
+    for cpus, expected in [(1, 0), (2, 1), (8, 7), (16, 15), (64, 15)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cpus: set(range(n)), raising=False)
+        assert default_workers() == expected
+
+
+def test_keys_and_shards_follow_the_options(tmp_path):
+    """Training batches carry only `options.keys` (the index maps never leave the workers), and rank 1 of 2
+    loads the torch loader's shard."""
+    path = write_records(tmp_path / "train.lmdb", mixed_image_records("jpeg", with_fields=True))
+    options = LoaderOptions(batch_size=2, seed=4, rank=1, world_size=2, keys=("image",))
+    def device(**changes):
+        return make_loader(READERS["coco"](path, True), replace(options, backend="torch-gpu", **changes))
+
+    assert all(raw.segment is None for raw in device().raw_batches())
+    assert assert_same_batches(make_loader(READERS["coco"](path, True), options), device(), "image") == 3
+    assert list(next(iter(device(keys=None)))) == ["image", "segment", "bbox", "clazz"]
+
+
+def test_cuda_batches_are_pinned(tmp_path, monkeypatch):
+    """On CUDA the DataLoader pins the uint8 batches (its pin step reaches RawBatch.pin_memory)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    path = write_records(tmp_path / "val.lmdb", mixed_image_records("png", with_fields=False)[:2])
+    on_cuda = DeviceLoader(ClevrTex(path), LoaderOptions(batch_size=2, backend="torch-gpu", device_id=0))
+    assert on_cuda.pin_memory and on_cuda.device == torch.device("cuda", 0)  # constructing touches no GPU
+    assert not DeviceLoader(ClevrTex(path), LoaderOptions(batch_size=2, backend="torch-gpu")).pin_memory
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: pinned.append(self) or self.clone())
+    raw = RawSamples(ClevrTex(path), seed=0)
+    batch = collate_raw([raw[0], raw[1]])
+    out = pin_memory(batch)
+    assert type(out) is type(batch) and len(pinned) == 2
+    assert {id(t) for t in pinned} == {id(batch.pixels), id(batch.segment)}
+    assert torch.equal(out.pixels, batch.pixels) and out.pixels is not batch.pixels
