@@ -70,6 +70,7 @@ RESUME_CHANGEABLE = (
     "options.workers",        # loader processes; each sample's augmentation is seeded by its index
     "options.log_every",
     "options.compile",
+    "options.compile_mode",
     "options.max_bad_steps",
 )
 
@@ -105,7 +106,7 @@ def run_config(preset: Preset, options: dict) -> dict:
 
 
 def prepare(out: str | Path, preset: Preset, options, *, overrides: list[str] = (), resume: bool = False,
-            overwrite: bool = False, writer: bool = True, say=print) -> Run:
+            overwrite: bool = False, writer: bool = True, record: dict | None = None, say=print) -> Run:
     """Checks `out` against the request and gets it ready; see the module docstring.
 
     Args:
@@ -113,6 +114,8 @@ def prepare(out: str | Path, preset: Preset, options, *, overrides: list[str] = 
             compared, and `overrides` are re-applied to the saved preset).
         options: how the run is run (a dataclass or a JSON-ready dict), saved in config.json under "options".
         writer: this process may change files (rank 0); the others only check, and see the same decision.
+            A writer may call `prepare` again with `writer=False` first, to check before it builds the model.
+        record: more of a new run's config.json (e.g. its initial weights); a resume keeps the saved entries.
         say: where the notes go (moved files, removed leftovers, dropped log rows).
     Raises:
         UserError: the folder holds a run and neither `resume` nor `overwrite` was asked; nothing to resume;
@@ -135,7 +138,7 @@ def prepare(out: str | Path, preset: Preset, options, *, overrides: list[str] = 
         _remove_leftovers(out, say)
         if present:
             _move_aside(out, say)
-        atomic_write_text(out / CONFIG, json.dumps(run_config(preset, options), indent=2))
+        atomic_write_text(out / CONFIG, json.dumps(run_config(preset, options) | dict(record or {}), indent=2))
     return Run(out, preset, options)
 
 
@@ -170,7 +173,7 @@ def _resume(out: Path, preset: Preset, options: dict, overrides: list[str], writ
         _truncate_log(out / LOG, step, say)
         if changed:
             say("resuming with " + ", ".join(f"{key} {old!r} → {new!r}" for key, old, new in changed))
-            atomic_write_text(out / CONFIG, json.dumps(run_config(resumed, options), indent=2))
+            atomic_write_text(out / CONFIG, json.dumps(saved | run_config(resumed, options), indent=2))
     return Run(out, resumed, options, resumed=True, step=step)
 
 

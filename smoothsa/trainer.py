@@ -25,12 +25,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from smoothsa import schedules, visualize
+from smoothsa import runs, schedules, visualize
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official, official_state_dict
+from smoothsa.cli import UserError
 from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset, preset_to_dict
+from smoothsa.pretrained import RANDOM_BANNER, BackboneWeightsError, resolve_backbone_weights
 from smoothsa.slot_attention import SlotAttention
 from smoothsa.state import atomic_save, atomic_write_text, load_training_state, rng_state, save_checkpoint, set_rng_state
 from smoothsa.tasks import task_for
@@ -229,10 +231,10 @@ class Trainer:
         given = {name: path for name, path in checkpoints.items() if path is not None}
         for name in self.task.initial_weights:
             if name not in given:
-                raise ValueError(f"{self.preset.name} starts from a trained {name} model: pass --{name}-ckpt")
+                raise UserError(f"{self.preset.name} starts from a trained {name} model: pass --{name}-ckpt PATH")
         for name, path in given.items():
             if name not in self.task.initial_weights:
-                raise ValueError(f"{self.preset.name} does not start from a {name} checkpoint: drop --{name}-ckpt")
+                raise UserError(f"{self.preset.name} does not start from a {name} checkpoint: drop --{name}-ckpt")
             self.task.load_initial_weights(self.model, name, path)
             self.initial_weights[name] = os.fspath(path)
 
@@ -345,10 +347,11 @@ class Trainer:
     def _picture(self, first) -> np.ndarray:
         batch, out = first
         pixels = batch[self.task.pixels]
-        segment = batch["segment"]
+        segment = batch.get("segment")  # None: data without ground truth (a blank column)
         pred = segments_from_attention(self.task.attention(out).float(), tuple(pixels.shape[-2:]))
         if pixels.dim() == 5:  # video: the frames of the first clip, one per row
-            pixels, segment, pred = pixels[0], segment[0], pred[0]
+            pixels, pred = pixels[0], pred[0]
+            segment = None if segment is None else segment[0]
         return visualize.grid_array(pixels, segment, pred, most=8)
 
     def fit(self, train_loader, val_loader, out: str | os.PathLike | None = None) -> dict:
@@ -410,8 +413,6 @@ class Trainer:
             progress.close()
         if self.stop_reason is not None:
             self.save_state()
-            if main:
-                print(f"stopped ({self.stop_reason}) at step {self.step_count}; continue with --resume", flush=True)
         else:
             skipped = self.check_bad_steps()
             self.finished = True
@@ -438,37 +439,83 @@ class Trainer:
 
 
 def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions | None = None, resume: bool = False,
-          discovery_ckpt: str | Path | None = None, device: str | None = None) -> Trainer:
-    """Trains `preset` on the LMDB splits in `data`, writing into `out`; returns the trainer (its `results`
-    are the last validation's, `finished` says whether it reached the last step)."""
+          discovery_ckpt: str | Path | None = None, device: str | torch.device | None = None, *,
+          teacher_ckpt: str | Path | None = None, backbone_weights: str | os.PathLike | None = "auto",
+          overwrite: bool = False, overrides: list[str] = (), save_every_min: float = 10.0,
+          keep_last: int | None = None, clock: Callable[[], float] = time.monotonic, say=print) -> "Trainer | None":
+    """Trains `preset` on the LMDB splits in `data` into the run folder `out` (`smoothsa.runs`): refuses a folder
+    that holds a run unless `resume` or `overwrite`, saves the state every `save_every_min` minutes (by `clock`)
+    and on SIGTERM/SIGINT, keeps the newest `keep_last` checkpoints.
+
+    A new run starts from the task's checkpoints (`discovery_ckpt`, `teacher_ckpt`) or, when it has none, from the
+    `backbone_weights` (`smoothsa.pretrained.resolve_backbone_weights`: "auto", "random" or a path); everything the
+    user can get wrong (the folder, the weights, the data) is checked before the folder changes. A resumed run
+    continues from `out/state.pt` with the saved config.json (`overrides` re-applied to it, see `runs.prepare`).
+
+    Returns the trainer (its `results` are the last validation's), or None when `out` holds a finished run and
+    `resume` was asked (nothing to do). Raises `cli.Stopped` (status 143/130) after a signal's save.
+    """
     options = options or RunOptions()
     out = Path(out)
-    trainer = Trainer(preset, options, device)
-    if resume:
-        trainer.load_state_dict(load_training_state(out / "state.pt"))
+    request = dict(overrides=list(overrides), resume=resume, overwrite=overwrite)
+    decision = runs.prepare(out, preset, options, writer=False, say=say, **request)
+    if decision.finished:
+        return None
+    if not decision.resumed:
+        runs.SaveTimer(save_every_min, clock)  # check the run flags before the model is built
+        runs.CheckpointKeeper(out, keep_last)
+    trainer = Trainer(decision.preset, options, device)
+    main = trainer.dist.main
+    record: dict = {}
+    if decision.resumed:
+        trainer.load_state_dict(load_training_state(decision.state_path))  # the weights, never reloaded
+        if main:
+            say(f"resuming {out} from step {trainer.step_count}")
     else:
-        trainer.load_initial_weights(discovery=discovery_ckpt)
-    if trainer.dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(trainer.config(), indent=2))
-    optim, dist = preset.optim, trainer.dist
+        trainer.load_initial_weights(discovery=discovery_ckpt, teacher=teacher_ckpt)
+        starts_from = trainer.task.initial_weights
+        if starts_from:
+            if backbone_weights not in (None, "auto"):
+                raise UserError(f"--backbone-weights {backbone_weights}: {preset.name} takes its backbone from the "
+                                f"--{starts_from[0]}-ckpt checkpoint; drop --backbone-weights")
+            banner = f"backbone weights: from the {starts_from[0]} checkpoint {trainer.initial_weights[starts_from[0]]}"
+        else:
+            try:
+                banner = resolve_backbone_weights(trainer.model, decision.preset, backbone_weights)
+            except BackboneWeightsError as error:
+                raise UserError(str(error)) from None
+        if main:
+            say(f"*** {banner} ***" if banner == RANDOM_BANNER else banner)
+        record = {"initial_weights": dict(trainer.initial_weights), "backbone_weights": banner}
+    run_preset, optim, dist = decision.preset, decision.preset.optim, trainer.dist
 
     def loader(split: str, batch_size: int):
         training = split == "train"
-        return loader_for(preset, data, split, batch_size, training, options.workers, options.backend,
+        return loader_for(run_preset, data, split, batch_size, training, options.workers, options.backend,
                           optim.seed, dist.rank, dist.world_size, trainer.device,
                           keys=trainer.task.train_keys if training else None)
 
     train_loader, val_loader = loader("train", optim.batch_size), loader("val", optim.val_batch_size)
-
-    def request_stop(signum, frame):
-        trainer.stop_reason = f"signal {signum}"
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    run = runs.prepare(out, preset, options, writer=main, record=record, say=say, **request)
+    timer, keep = runs.SaveTimer(save_every_min, clock), runs.CheckpointKeeper(out, keep_last)
+    trainer.after_checkpoint.append(lambda _, path: keep.prune())
     try:
-        trainer.fit(train_loader, val_loader, out)
+        with runs.StopSignals() as signals:
+
+            def save_when_due(trainer: Trainer) -> None:
+                # One process: the flag, every step; several: one all-reduce at logging steps, so all stop together.
+                if dist.world_size == 1 or trainer.step_count % options.log_every == 0:
+                    if signals.requested_on_any_rank(trainer.device):
+                        trainer.stop_reason = signal.Signals(signals.signum).name  # `fit` saves the state
+                        return
+                if timer.due():
+                    trainer.save_state()
+                    timer.saved()
+
+            trainer.after_step.append(save_when_due)
+            trainer.fit(train_loader, val_loader, run.out)
+            if trainer.stop_reason is not None:
+                raise signals.stopped(trainer.step_count, run.state_path)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         dist.close()
     return trainer
