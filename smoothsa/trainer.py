@@ -174,6 +174,7 @@ class Trainer:
         after_checkpoint: callables `f(trainer, path)` run after each checkpoint is written.
         stop_reason: set it (e.g. from a signal handler or an `after_step` hook) and `fit` saves the state and
             returns after the current step; `finished` says whether the run reached `total_steps`.
+        state_saved_at: the step whose state `save_state` wrote last (None: none yet).
     """
 
     def __init__(self, preset: Preset, options: RunOptions | None = None, device: str | torch.device | None = None):
@@ -220,6 +221,7 @@ class Trainer:
         self.after_checkpoint: list[Callable[["Trainer", Path], None]] = []
         self.stop_reason: str | None = None
         self.finished = False
+        self.state_saved_at: int | None = None  # the step of the last `save_state`
         self.results: dict = {}
         self.clock = time.perf_counter
 
@@ -229,12 +231,13 @@ class Trainer:
         """The one place a new run's starting weights come from: `name=path` for each checkpoint the task
         starts from (`task.initial_weights`, e.g. recognition's `discovery`). A resumed run skips this."""
         given = {name: path for name, path in checkpoints.items() if path is not None}
+        for name in given:
+            if name not in self.task.initial_weights:
+                raise UserError(f"{self.preset.name} does not start from a {name} checkpoint: drop --{name}-ckpt")
         for name in self.task.initial_weights:
             if name not in given:
                 raise UserError(f"{self.preset.name} starts from a trained {name} model: pass --{name}-ckpt PATH")
         for name, path in given.items():
-            if name not in self.task.initial_weights:
-                raise UserError(f"{self.preset.name} does not start from a {name} checkpoint: drop --{name}-ckpt")
             self.task.load_initial_weights(self.model, name, path)
             self.initial_weights[name] = os.fspath(path)
 
@@ -320,7 +323,9 @@ class Trainer:
         """Writes `out/state.pt` atomically (rank 0); other ranks write nothing. Call it between steps."""
         if self.out is None or not self.dist.main:
             return None
-        return atomic_save(self.state_dict(), self.out / "state.pt")
+        path = atomic_save(self.state_dict(), self.out / "state.pt")
+        self.state_saved_at = self.step_count
+        return path
 
     def save_checkpoint(self, name: str) -> Path | None:
         """Writes the weights in the official layout to `out/name` (rank 0), then runs `after_checkpoint`."""
@@ -508,7 +513,9 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
                     if signals.requested_on_any_rank(trainer.device):
                         trainer.stop_reason = signal.Signals(signals.signum).name  # `fit` saves the state
                         return
-                if timer.due():
+                if trainer.state_saved_at == trainer.step_count:  # a validation just saved it
+                    timer.saved()
+                elif timer.due():
                     trainer.save_state()
                     timer.saved()
 
