@@ -10,10 +10,12 @@
   state it resumes from (no duplicate or future rows).
 * The state is saved every `--save-every-min` minutes (`SaveTimer`) and on SIGTERM/SIGINT at the next step
   boundary (`StopSignals`), after which the run exits with 128 + the signal number (143, 130) and says how to
-  continue; a second Ctrl-C stops at once (the state is the last one saved). `--keep-last N` keeps the newest N
+  continue; a second Ctrl-C stops at once (the state is the last one saved). Loader workers ignore both
+  signals (their `worker_init_fn`, `dataio.epochs.seed_worker`): the main process stops them. `--keep-last N` keeps the newest N
   `ckpt-*.pth` (default: all, as the official code).
 
-How a training `main` uses it (every rank calls `prepare`; only `writer=True` changes files; the loop logs a
+`smoothsa.trainer.train` is this sequence on a `Trainer` (its `after_step` and `after_checkpoint` hooks). How a
+training `main` uses it (every rank calls `prepare`; only `writer=True` changes files; the loop logs a
 step before it saves the state of that step, so that the rows a resume keeps are those of the saved state):
 
     @cli.entry_point                                   # user errors: one line, status 2; `Stopped`: 143/130
@@ -330,13 +332,6 @@ class StopSignals:
         # os.write, not print: a handler may interrupt a print of the main thread.
         os.write(2, f"\n{signal.Signals(signum).name}: saving the state at the end of this step, then stopping"
                     f"{' (Ctrl-C again: stop at once)' if signum == signal.SIGINT else ''}\n".encode())
-
-    @staticmethod
-    def ignore_in_worker(*_) -> None:
-        """For a data loader's `worker_init_fn`: workers ignore SIGINT and SIGTERM (a Ctrl-C reaches the whole
-        process group), so the step in flight can finish and the main process shuts them down."""
-        for s in StopSignals.SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
 
     @property
     def requested(self) -> bool:
