@@ -123,7 +123,8 @@ class Logger:
     """CSV always; TensorBoard event files (scalars and the slot picture) when `tensorboard` is installed.
     Rank 0 only."""
 
-    def __init__(self, out: Path | None, enabled: bool):
+    def __init__(self, out: Path | None, enabled: bool, step: int = 0):
+        """step: where the run starts; a resumed run's TensorBoard drops the events logged after it."""
         self.enabled = enabled and out is not None
         self.path = out / "log.csv" if out is not None else None
         self.writer = None
@@ -131,7 +132,7 @@ class Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out / "tensorboard"))
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
             except ImportError:
                 pass
 
@@ -372,7 +373,7 @@ class Trainer:
         if len(train_loader) == 0:
             raise ValueError(f"the training split has fewer samples than one batch ({optim.batch_size})")
         val_interval = max(1, total // optim.validations)
-        logger = Logger(self.out, main)
+        logger = Logger(self.out, main, self.step_count)
         if main:
             fused = any(m.fused for m in self.model.modules() if isinstance(m, SlotAttention))
             print(f"{self.preset.name}: {total} steps, batch {optim.batch_size} per process × {self.dist.world_size} = "

@@ -1,5 +1,6 @@
 """Training and evaluation end to end on tiny synthetic data: kill and resume, DDP on gloo, bad steps, bad input."""
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,12 @@ def _overrides():
     return [x for item in TINY for x in ("--set", item)]
 
 
+def log_rows(out) -> list[tuple[str, ...]]:
+    """(step, split, name) of every row of a run's log.csv."""
+    with open(out / "log.csv", newline="") as file:
+        return [tuple(row[:3]) for row in csv.reader(file)]
+
+
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     def args(out):
         return ["smoothsa.train", "--preset", "smoothsa_r-coco", "--data", str(data), "--out", str(out), "--workers", "0",
@@ -66,6 +73,7 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["step"] == 12
     assert sorted(p.name for p in run.glob("ckpt-*.pth")) == [f"ckpt-{s:07d}.pth" for s in range(6, 13)]
     assert not list(run.glob("*.tmp"))
+    assert log_rows(tmp_path / "whole") == log_rows(run)  # the rows logged after the saved state were dropped
     whole, again = read_checkpoint(tmp_path / "whole" / "last.pth"), read_checkpoint(run / "last.pth")
     assert whole.keys() == again.keys()
     for key in whole:
@@ -213,8 +221,7 @@ def test_a_run_records_its_weights_and_options_and_keeps_the_last_checkpoints(fi
     assert config["options"]["official_compat"] is False and config["options"]["workers"] == 0
     assert config["initial_weights"] == {} and "needs no weights" in config["backbone_weights"]
     assert sorted(p.name for p in finished.glob("ckpt-*.pth")) == ["ckpt-0000011.pth", "ckpt-0000012.pth"]
-    with open(finished / "log.csv") as file:
-        rows = [tuple(row[:3]) for row in csv.reader(file)][1:]
+    rows = log_rows(finished)
     assert len(rows) == len(set(rows))
 
 
@@ -365,3 +372,29 @@ def test_eval_on_an_empty_split_or_a_missing_device_is_one_line(data, tmp_path, 
     assert status == 2 and "the split holds no samples" in err and len(err.strip().splitlines()) == 1, err
     status, _, err = run_main(common + ["--data", data, "--device", "cuda:3"], capsys, eval_main)
     assert status == 2 and "--device cuda:3" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_state(data, tmp_path, capsys, monkeypatch):
+    from smoothsa import state
+
+    full, saves = [False], []
+    write, save = state._FileSink.write, Trainer.save_state
+
+    def write_unless_full(self, chunk):
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(self, chunk)
+
+    def save_then_fill_the_disk(self):
+        saves.append(self.step_count)
+        full[0] = len(saves) > 1
+        return save(self)
+
+    monkeypatch.setattr(state._FileSink, "write", write_unless_full)
+    monkeypatch.setattr(Trainer, "save_state", save_then_fill_the_disk)
+    out = tmp_path / "run"
+    status, _, err = run_main(tiny_args(data, out, "--set", "optim.validations=6"), capsys)
+    assert status == 2 and saves == [2, 4], err
+    assert err.strip().splitlines()[-1] == (f"error: cannot write {out / 'state.pt'} (the previous one is kept): "
+                                            "No space left on device; free some space or choose another --out")
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2 and not list(out.glob("*.tmp"))
