@@ -464,19 +464,18 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
     options = options or RunOptions()
     out = Path(out)
     request = dict(overrides=list(overrides), resume=resume, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        say = lambda _: None  # noqa: E731 (the first process speaks for all)
     decision = runs.prepare(out, preset, options, writer=False, say=say, **request)
     if decision.finished:
         return None
-    if not decision.resumed:
-        runs.SaveTimer(save_every_min, clock)  # check the run flags before the model is built
-        runs.CheckpointKeeper(out, keep_last)
+    timer, keep = runs.SaveTimer(save_every_min, clock), runs.CheckpointKeeper(out, keep_last)  # checks the flags
     trainer = Trainer(decision.preset, options, device)
     main = trainer.dist.main
     record: dict = {}
     if decision.resumed:
         trainer.load_state_dict(load_training_state(decision.state_path))  # the weights, never reloaded
-        if main:
-            say(f"resuming {out} from step {trainer.step_count}")
+        say(f"resuming {out} from step {trainer.step_count}")
     else:
         trainer.load_initial_weights(discovery=discovery_ckpt, teacher=teacher_ckpt)
         starts_from = trainer.task.initial_weights
@@ -490,8 +489,7 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
                 banner = resolve_backbone_weights(trainer.model, decision.preset, backbone_weights)
             except BackboneWeightsError as error:
                 raise UserError(str(error)) from None
-        if main:
-            say(f"*** {banner} ***" if banner == RANDOM_BANNER else banner)
+        say(f"*** {banner} ***" if banner == RANDOM_BANNER else banner)
         record = {"initial_weights": dict(trainer.initial_weights), "backbone_weights": banner}
     run_preset, optim, dist = decision.preset, decision.preset.optim, trainer.dist
 
@@ -502,9 +500,11 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
                           keys=trainer.task.train_keys if training else None)
 
     train_loader, val_loader = loader("train", optim.batch_size), loader("val", optim.val_batch_size)
-    run = runs.prepare(out, preset, options, writer=main, record=record, say=say, **request)
-    timer, keep = runs.SaveTimer(save_every_min, clock), runs.CheckpointKeeper(out, keep_last)
+    # Only the first process writes; the others keep the decision they made before the process group met
+    # (checked again now, they would find the folder the first process has just written).
+    run = runs.prepare(out, preset, options, record=record, say=say, **request) if main else decision
     trainer.after_checkpoint.append(lambda _, path: keep.prune())
+    timer.saved()  # the minutes count from here
     try:
         with runs.StopSignals() as signals:
 
