@@ -93,7 +93,7 @@ def test_ctrl_c_stops_the_demo_resumably_and_a_finished_demo_says_it_is_done(dat
     with pytest.raises(SystemExit) as refused:  # neither resumed nor overwritten: refused
         main(again)
     assert refused.value.code == 2 and "already holds a run" in capsys.readouterr().err
-    main(again + ["--resume"])
+    main(again + ["--resume", "--backbone-weights", str(tmp_path / "absent.pth")])  # a resume loads no weights
     summary = json.loads((out / "eval" / "metrics.json").read_text())
     assert json.loads((out / "metrics.json").read_text())["step"] == 60 and "train_seconds" in summary
     capsys.readouterr()
