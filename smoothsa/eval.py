@@ -9,7 +9,10 @@ Correct by default: ARI never overflows on whole videos and recognition keeps ev
 `--official-compat` reproduces the official arithmetic and filters bug for bug (docs/official.md §10.1, §10.2,
 §10.13), so published numbers can be compared. `--seed` fixes the initializer's noise; by default it is the
 preset's seed, so a checkpoint scores what training's validation logged for it (with the run's `--amp`).
-The loop is `smoothsa.evaluation.evaluate`, the one training validates with.
+The loop is `smoothsa.evaluation.evaluate`, the one training validates with. Data without ground-truth
+segments (`--set data.dataset=folder`) reports the losses only. A user error (an unknown preset, a checkpoint
+that does not fit, an empty split, a missing device) is one line on stderr and exit status 2 (`--debug` adds
+the traceback).
 """
 import argparse
 import json

@@ -79,11 +79,11 @@ def test_empty_validation_split_fails_with_a_message(coco):
     empty.mkdir(exist_ok=True)
     write_official(empty / "val.lmdb", [])
     from smoothsa.build import build_model
-    from smoothsa.eval import evaluate
+    from smoothsa.eval import evaluate_model
 
     demo = get_preset("demo")
     with pytest.raises(ValueError, match=r"synthetic/val: the split holds no samples"):
-        evaluate(build_model(demo.model), demo, empty)
+        evaluate_model(build_model(demo.model), demo, empty)
 
 
 def test_every_preset_dataset_has_a_reader():
