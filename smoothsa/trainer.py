@@ -75,11 +75,11 @@ class Distributed:
         device = torch.device(device)
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+                raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
             if device.index is None:
                 device = torch.device("cuda", self.local_rank)
             if device.index >= torch.cuda.device_count():
-                raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+                raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
             torch.cuda.set_device(device)
         self.device = device
         if self.world_size > 1 and not dist.is_initialized():
@@ -499,7 +499,10 @@ def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions
                           optim.seed, dist.rank, dist.world_size, trainer.device,
                           keys=trainer.task.train_keys if training else None)
 
-    train_loader, val_loader = loader("train", optim.batch_size), loader("val", optim.val_batch_size)
+    try:
+        train_loader, val_loader = loader("train", optim.batch_size), loader("val", optim.val_batch_size)
+    except ValueError as error:  # the data layer's: an empty split, a reader without the keys the task needs
+        raise UserError(str(error)) from None
     # Only the first process writes; the others keep the decision they made before the process group met
     # (checked again now, they would find the folder the first process has just written).
     run = runs.prepare(out, preset, options, record=record, say=say, **request) if main else decision

@@ -356,6 +356,11 @@ def test_folder_data_trains_and_validates_on_the_losses_only(tmp_path, capsys):
     assert status == 0, err
     assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())["val"]) == {"loss_recon", "loss_preheat"}
     assert (tmp_path / "eval" / "slots.png").stat().st_size > 0
+    boxes = tiny_args(tmp_path / "data", tmp_path / "boxes", "--set", "data.dataset=folder", "--set",
+                      "model.initializer=mlp_preheated", "--set", "data.with_bbox=true")
+    status, _, err = run_main(boxes, capsys)  # a box-conditioned model needs boxes that folders lack
+    assert status == 2 and "folder: this reader has no boxes" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "boxes").exists()
 
 
 def test_eval_on_an_empty_split_or_a_missing_device_is_one_line(data, tmp_path, capsys):
