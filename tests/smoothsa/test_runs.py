@@ -3,6 +3,7 @@ leftover .tmp files, log.csv after a resume, time-based saves, signals, keep-las
 or read-only disk."""
 import argparse
 import csv
+import dataclasses
 import errno
 import hashlib
 import json
@@ -122,6 +123,19 @@ def test_resume_uses_the_saved_config_and_accepts_the_listed_changes(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["optim"]["validations"] == 3 and config["options"]["workers"] == 2
     assert set(runs.RESUME_CHANGEABLE) >= {"optim.validations", "options.workers", "options.log_every"}
+
+
+def test_the_resumable_options_are_run_options_and_a_resume_keeps_the_record(tmp_path):
+    from smoothsa.trainer import RunOptions
+
+    fields = {f"options.{f.name}" for f in dataclasses.fields(RunOptions)}
+    assert {key for key in runs.RESUME_CHANGEABLE if key.startswith("options.")} <= fields
+    record = {"initial_weights": {"teacher": "spot.pth"}, "backbone_weights": "backbone weights: from the teacher"}
+    runs.prepare(tmp_path, preset(), RunOptions(workers=0), record=record)
+    torch.save({"step": 4}, tmp_path / "state.pt")
+    runs.prepare(tmp_path, preset(), RunOptions(workers=3), resume=True, say=lambda _: None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["options"]["workers"] == 3 and {k: config[k] for k in record} == record
 
 
 def test_resuming_a_finished_run_touches_nothing(tmp_path, capsys):
