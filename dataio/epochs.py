@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -94,7 +95,11 @@ def augment_seed(seed: int, epoch: int) -> int:
 
 
 def seed_worker(worker: int, seed: int, epoch: int) -> None:
-    """DataLoader `worker_init_fn`: distinct global seeds for every (seed, epoch, worker)."""
+    """DataLoader `worker_init_fn`: distinct global seeds for every (seed, epoch, worker). Workers ignore SIGINT
+    and SIGTERM (a Ctrl-C reaches the whole process group): the main process decides when to stop, finishes
+    the step in flight and shuts them down."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     value = derive_seed(seed, epoch, worker)
     torch.manual_seed(value)
     random.seed(value)

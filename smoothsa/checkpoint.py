@@ -23,6 +23,10 @@ class CheckpointMismatch(BadCheckpoint, KeyError):
     """The keys or shapes of a checkpoint do not fit the model (a `KeyError` too, for code that expects one)."""
 
 
+class NotAStateDict(BadCheckpoint, TypeError):
+    """A file that loads, but not to a dict of named tensors (a `TypeError` too, for code that expects one)."""
+
+
 def _load_failure(error: BaseException) -> str:
     """One line of `torch.load`'s error: the unpickler's reason, or the first sentence."""
     text = str(error)
@@ -53,7 +57,7 @@ def read_checkpoint(state_dict_or_path) -> dict[str, torch.Tensor]:
     else:
         state_dict = state_dict_or_path
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
-        raise TypeError(f"checkpoint is not a state_dict (a dict of named tensors): {type(state_dict).__name__}")
+        raise NotAStateDict(f"checkpoint is not a state_dict (a dict of named tensors): {type(state_dict).__name__}")
     if "model" in state_dict and isinstance(state_dict["model"], dict):  # a resumable training state
         state_dict = state_dict["model"]
     return state_dict

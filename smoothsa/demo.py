@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
+from smoothsa.checkpoint import load_official
 from smoothsa.dataio import write_synthetic
 from smoothsa.eval import save_pictures
 from smoothsa.evaluation import loader_for
 from smoothsa.metrics import MetricAverager, ari, mbo, miou
 from smoothsa.presets import apply_overrides, get_preset
-from smoothsa.trainer import RunOptions, train
+from smoothsa.state import atomic_write_text
+from smoothsa.trainer import RunOptions, Trainer, train
 
 TRAIN_IMAGES = 5000
 VAL_IMAGES = 256
@@ -62,30 +64,48 @@ def baselines(preset, data: Path) -> dict:
 
 
 def run_demo(out: str | Path | None = None, data: str | Path | None = None, overrides: list[str] = (),
-             resume: bool = False, device: str | None = None, options: RunOptions | None = None) -> dict | None:
+             resume: bool = False, device: str | torch.device | None = None, options: RunOptions | None = None, *,
+             overwrite: bool = False, **run_flags) -> dict | None:
     """Trains the demo preset (with `overrides`) into `out` (default runs/demo) on `data` (default: synthetic
     scenes written into `out/data`), evaluates it and prints it against the baselines. Returns the summary
-    written to `out/eval/metrics.json`, or None when training was stopped before its last step."""
+    written to `out/eval/metrics.json`.
+
+    The run folder is `smoothsa.trainer.train`'s: `resume` continues a stopped demo, `overwrite` starts it again,
+    and a finished demo (run again as it was) says where its results are and returns them. `run_flags`: more
+    arguments of `train` (`backbone_weights`, `save_every_min`, `keep_last`). A stop by a signal raises
+    `cli.Stopped` (continue with --resume)."""
     out = Path(out or "runs/demo")
     preset = apply_overrides(get_preset("demo"), list(overrides))
-    data = Path(data) if data else ensure_data(out / "data", preset.model.image_size)
     options = options or RunOptions(amp="none", compile=False, workers=0)
+    device = device or "cpu"
+    summary_path = out / "eval" / "metrics.json"
+    if not (resume or overwrite) and (out / "metrics.json").is_file():
+        resume = True  # the demo run again as it was: a finished one says so (an unfinished one is refused)
+    data = Path(data) if data else ensure_data(out / "data", preset.model.image_size)
     start = time.perf_counter()
-    trainer = train(preset, data, out, options, resume=resume, device=device or "cpu")
+    trainer = train(preset, data, out, options, resume=resume, device=device, overwrite=overwrite,
+                    overrides=list(overrides), **run_flags)
     trained = time.perf_counter() - start
-    if not trainer.finished:
-        return None
+    if trainer is None:  # finished before
+        if summary_path.is_file():
+            print(f"the demo in {out} is done: metrics {summary_path}, pictures {out / 'eval' / 'slots.png'}; "
+                  "--overwrite runs it again")
+            return json.loads(summary_path.read_text())
+        trainer, trained = Trainer(preset, options, device), None  # stopped between training and evaluation
+        load_official(trainer.model, out / "last.pth")
     evaluation = trainer.validate(loader_for(preset, data, "val", preset.optim.val_batch_size, False), keep_first=True)
     # The same loop and seed as the final validation: the numbers training logged, now with the pictures.
     metrics = {k: evaluation.results[k] for k in ("ari", "ari_fg", "mbo", "miou")}
     save_pictures(out / "eval", trainer.task, *evaluation.first)
     reference = baselines(preset, data)
-    summary = {"val": metrics, "baselines": reference, "train_seconds": round(trained, 1),
-               "total_seconds": round(time.perf_counter() - start, 1)}
-    (out / "eval" / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(f"\ntrained in {trained / 60:.1f} min; validation on {VAL_IMAGES} synthetic images:")
+    summary = {"val": metrics, "baselines": reference}
+    if trained is not None:
+        summary |= {"train_seconds": round(trained, 1), "total_seconds": round(time.perf_counter() - start, 1)}
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    if trained is not None:
+        print(f"\ntrained in {trained / 60:.1f} min; validation on {VAL_IMAGES} synthetic images:")
     print(f"  {'':10s} {'ARI':>6s} {'ARI-fg':>6s} {'mBO':>6s} {'mIoU':>6s}")
     for name, row in [("SmoothSA", metrics)] + list(reference.items()):
         print(f"  {name:10s} {row['ari']:6.3f} {row['ari_fg']:6.3f} {row['mbo']:6.3f} {row['miou']:6.3f}")
-    print(f"pictures: {out / 'eval' / 'slots.png'}; metrics: {out / 'eval' / 'metrics.json'}")
+    print(f"pictures: {out / 'eval' / 'slots.png'}; metrics: {summary_path}")
     return summary

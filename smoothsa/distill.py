@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from smoothsa.backbone import DINOv2ViT
-from smoothsa.checkpoint import PREFIX, official_state_dict, read_checkpoint
+from smoothsa.checkpoint import PREFIX, BadCheckpoint, official_state_dict, read_checkpoint
 from smoothsa.losses import reconstruction_loss
 from smoothsa.metrics import _iou_matrix
 from smoothsa.models import SPOT, SlotOutput
@@ -141,7 +141,7 @@ def init_distill_from_spot(model: SPOTDistill, state_dict_or_path) -> SPOTDistil
     initialisation. Backbone keys are dropped when the model was built with `backbone=False`.
 
     Every pair's key count and every paired shape are checked before anything is written; a mismatch raises a
-    ValueError naming the checkpoint and the first mismatch.
+    `BadCheckpoint` (a ValueError) naming the checkpoint and the first mismatch.
 
     Args:
         model: built by `build_model("spot_r_distill-coco")`.
@@ -160,13 +160,13 @@ def init_distill_from_spot(model: SPOTDistill, state_dict_or_path) -> SPOTDistil
         target_keys = [k for k in target if k.startswith(target_prefix)]
         source_keys = [k for k in source if k.startswith(source_prefix)]
         if len(target_keys) != len(source_keys):
-            raise ValueError(
+            raise BadCheckpoint(
                 f"init_distill_from_spot: {name} is not a checkpoint of the teacher's SPOT: {source_prefix}* has "
                 f"{len(source_keys)} keys, {target_prefix}* expects {len(target_keys)}"
             )
         for t, k in zip(target_keys, source_keys):
             if tuple(source[k].shape) != tuple(target[t].shape):
-                raise ValueError(
+                raise BadCheckpoint(
                     f"init_distill_from_spot: {name} does not fit: {k} {tuple(source[k].shape)} pairs with {t} "
                     f"{tuple(target[t].shape)}"
                 )

@@ -9,21 +9,26 @@ Correct by default: ARI never overflows on whole videos and recognition keeps ev
 `--official-compat` reproduces the official arithmetic and filters bug for bug (docs/official.md §10.1, §10.2,
 §10.13), so published numbers can be compared. `--seed` fixes the initializer's noise; by default it is the
 preset's seed, so a checkpoint scores what training's validation logged for it (with the run's `--amp`).
-The loop is `smoothsa.evaluation.evaluate`, the one training validates with.
+The loop is `smoothsa.evaluation.evaluate`, the one training validates with. Data without ground-truth
+segments (`--set data.dataset=folder`) reports the losses only. A user error (an unknown preset, a checkpoint
+that does not fit, an empty split, a missing device) is one line on stderr and exit status 2 (`--debug` adds
+the traceback).
 """
 import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
 import torch
 
-from smoothsa import visualize
+from smoothsa import cli, visualize
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official
+from smoothsa.cli import UserError
 from smoothsa.evaluation import evaluate, loader_for
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset, apply_overrides, get_preset
+from smoothsa.state import atomic_write_text
 from smoothsa.tasks import Task, task_for
 
 
@@ -36,14 +41,18 @@ def evaluate_model(model: torch.nn.Module, preset: Preset, data, out: str | Path
     model = model.to(device)
     task = task_for(preset)
     seed = preset.optim.seed if seed is None else seed
-    loader = loader_for(preset, data, "val", batch_size or preset.optim.val_batch_size, False, workers, backend, seed,
-                        device=device)
+    try:
+        loader = loader_for(preset, data, "val", batch_size or preset.optim.val_batch_size, False, workers, backend,
+                            seed, device=device)
+    except ValueError as error:  # the data layer's: an empty split, a reader without the keys the preset needs
+        raise UserError(str(error)) from None
     evaluation = evaluate(model, task, loader, device, seed, official_compat, amp, keep_first=pictures > 0)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"preset": preset.name, "seed": seed, "official_compat": official_compat,
-                                                      "val": evaluation.results}, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps({"preset": preset.name, "seed": seed,
+                                                            "official_compat": official_compat,
+                                                            "val": evaluation.results}, indent=2))
         if evaluation.first is not None:
             save_pictures(out, task, *evaluation.first, most=pictures)
     return evaluation.results
@@ -51,13 +60,14 @@ def evaluate_model(model: torch.nn.Module, preset: Preset, data, out: str | Path
 
 def save_pictures(out: Path, task: Task, batch: dict, output, most: int = 8) -> Path:
     """slots.png (images) or slots.gif (videos) of the first `most` samples of a batch."""
-    pixels, segment = batch[task.pixels], batch["segment"]
+    pixels, segment = batch[task.pixels], batch.get("segment")  # None: no ground truth (a blank column)
     pred = segments_from_attention(task.attention(output).float(), tuple(pixels.shape[-2:]))
     if pixels.dim() == 5:
         return visualize.save_video_gif(out / "slots.gif", pixels, segment, pred, most=min(most, 4))
     return visualize.save_image_grid(out / "slots.png", pixels, segment, pred, most=most)
 
 
+@cli.entry_point
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True)
@@ -68,20 +78,19 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, help="fixes the initializer's noise (default: the preset's optim.seed, "
                         "as training's validation)")
     parser.add_argument("--official-compat", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cpu, cuda (this process's GPU), cuda:1, … (default: the GPU, else CPU)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--loader", default="torch", choices=["torch", "dali"])
     parser.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"])
     parser.add_argument("--pictures", type=int, default=8, help="samples to draw (0: none)")
+    cli.add_debug_argument(parser)
     args = parser.parse_args(argv)
-    try:
-        preset = apply_overrides(get_preset(args.preset), args.overrides)
-        model = load_official(build_model(preset.model), args.ckpt)
-    except (KeyError, ValueError, FileNotFoundError, TypeError) as error:
-        sys.exit(f"error: {error}")
+    device = cli.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    preset = apply_overrides(get_preset(args.preset), args.overrides)
+    model = load_official(build_model(preset.model), args.ckpt)
     out = args.out or Path(args.ckpt).with_suffix("")
-    results = evaluate_model(model, preset, args.data, out, args.seed, args.official_compat, args.device,
+    results = evaluate_model(model, preset, args.data, out, args.seed, args.official_compat, device,
                              args.batch_size, args.workers, args.loader, args.pictures, args.amp)
     print(json.dumps(results, indent=2))
 

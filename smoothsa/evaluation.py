@@ -99,6 +99,16 @@ class SplitMean:
         return result
 
 
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Prints `message` the first time this process is told it (validations repeat; the note need not)."""
+    if message not in _said:
+        _said.add(message)
+        print(message, flush=True)
+
+
 @dataclass
 class Evaluation:
     """results: name -> mean over the split (and counts); first: (batch, output) of the first batch, or None."""
@@ -121,7 +131,8 @@ def evaluate(model: torch.nn.Module, task: Task, loader, device: torch.device, s
         seed: the noise seed (training's validation uses the preset's `optim.seed`, as does `eval` by default).
         official_compat: official metric arithmetic and recognition matching (docs/official.md §10).
         amp: autocast of the forward ("fp16", "bf16", "none"); metrics are computed outside it.
-        with_losses: also report `loss_<name>`, each the sample-weighted mean of the batch losses.
+        with_losses: also report `loss_<name>`, each the sample-weighted mean of the batch losses. A split
+            without ground-truth segments (folder data) reports only these, whatever `with_losses` says.
         keep_first: keep the first batch and its output (pictures).
     """
     was_training = model.training
@@ -145,10 +156,14 @@ def evaluate(model: torch.nn.Module, task: Task, loader, device: torch.device, s
         shape = task.noise_shape(batch)
         if shape is not None:
             batch["init_noise"] = sample_noise(seed, positions[:keep], shape, device)
+        scored = "segment" in batch  # folder data (`data.dataset=folder`) has no ground truth: losses only
         with autocast(device, amp):
             out = task.forward(model, batch)
-            terms = task.losses(out, batch) if with_losses else {}
-        mean.update(task.metrics(out, batch, official_compat))
+            terms = task.losses(out, batch) if with_losses or not scored else {}
+        if scored:
+            mean.update(task.metrics(out, batch, official_compat))
+        else:
+            say_once(f"no ground-truth segments in {loader.dataset.location}: validation reports the losses only")
         if terms:
             weight = torch.full((), float(keep), dtype=torch.float64, device=device)
             valid = task.valid(out)

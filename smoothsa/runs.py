@@ -10,10 +10,12 @@
   state it resumes from (no duplicate or future rows).
 * The state is saved every `--save-every-min` minutes (`SaveTimer`) and on SIGTERM/SIGINT at the next step
   boundary (`StopSignals`), after which the run exits with 128 + the signal number (143, 130) and says how to
-  continue; a second Ctrl-C stops at once (the state is the last one saved). `--keep-last N` keeps the newest N
+  continue; a second Ctrl-C stops at once (the state is the last one saved). Loader workers ignore both
+  signals (their `worker_init_fn`, `dataio.epochs.seed_worker`): the main process stops them. `--keep-last N` keeps the newest N
   `ckpt-*.pth` (default: all, as the official code).
 
-How a training `main` uses it (every rank calls `prepare`; only `writer=True` changes files; the loop logs a
+`smoothsa.trainer.train` is this sequence on a `Trainer` (its `after_step` and `after_checkpoint` hooks). How a
+training `main` uses it (every rank calls `prepare`; only `writer=True` changes files; the loop logs a
 step before it saves the state of that step, so that the rows a resume keeps are those of the saved state):
 
     @cli.entry_point                                   # user errors: one line, status 2; `Stopped`: 143/130
@@ -70,6 +72,7 @@ RESUME_CHANGEABLE = (
     "options.workers",        # loader processes; each sample's augmentation is seeded by its index
     "options.log_every",
     "options.compile",
+    "options.compile_mode",
     "options.max_bad_steps",
 )
 
@@ -105,7 +108,7 @@ def run_config(preset: Preset, options: dict) -> dict:
 
 
 def prepare(out: str | Path, preset: Preset, options, *, overrides: list[str] = (), resume: bool = False,
-            overwrite: bool = False, writer: bool = True, say=print) -> Run:
+            overwrite: bool = False, writer: bool = True, record: dict | None = None, say=print) -> Run:
     """Checks `out` against the request and gets it ready; see the module docstring.
 
     Args:
@@ -113,6 +116,8 @@ def prepare(out: str | Path, preset: Preset, options, *, overrides: list[str] = 
             compared, and `overrides` are re-applied to the saved preset).
         options: how the run is run (a dataclass or a JSON-ready dict), saved in config.json under "options".
         writer: this process may change files (rank 0); the others only check, and see the same decision.
+            A writer may call `prepare` again with `writer=False` first, to check before it builds the model.
+        record: more of a new run's config.json (e.g. its initial weights); a resume keeps the saved entries.
         say: where the notes go (moved files, removed leftovers, dropped log rows).
     Raises:
         UserError: the folder holds a run and neither `resume` nor `overwrite` was asked; nothing to resume;
@@ -135,7 +140,7 @@ def prepare(out: str | Path, preset: Preset, options, *, overrides: list[str] = 
         _remove_leftovers(out, say)
         if present:
             _move_aside(out, say)
-        atomic_write_text(out / CONFIG, json.dumps(run_config(preset, options), indent=2))
+        atomic_write_text(out / CONFIG, json.dumps(run_config(preset, options) | dict(record or {}), indent=2))
     return Run(out, preset, options)
 
 
@@ -170,7 +175,7 @@ def _resume(out: Path, preset: Preset, options: dict, overrides: list[str], writ
         _truncate_log(out / LOG, step, say)
         if changed:
             say("resuming with " + ", ".join(f"{key} {old!r} → {new!r}" for key, old, new in changed))
-            atomic_write_text(out / CONFIG, json.dumps(run_config(resumed, options), indent=2))
+            atomic_write_text(out / CONFIG, json.dumps(saved | run_config(resumed, options), indent=2))
     return Run(out, resumed, options, resumed=True, step=step)
 
 
@@ -327,13 +332,6 @@ class StopSignals:
         # os.write, not print: a handler may interrupt a print of the main thread.
         os.write(2, f"\n{signal.Signals(signum).name}: saving the state at the end of this step, then stopping"
                     f"{' (Ctrl-C again: stop at once)' if signum == signal.SIGINT else ''}\n".encode())
-
-    @staticmethod
-    def ignore_in_worker(*_) -> None:
-        """For a data loader's `worker_init_fn`: workers ignore SIGINT and SIGTERM (a Ctrl-C reaches the whole
-        process group), so the step in flight can finish and the main process shuts them down."""
-        for s in StopSignals.SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
 
     @property
     def requested(self) -> bool:

@@ -25,12 +25,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from smoothsa import schedules, visualize
+from smoothsa import runs, schedules, visualize
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official, official_state_dict
+from smoothsa.cli import UserError
 from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset, preset_to_dict
+from smoothsa.pretrained import RANDOM_BANNER, BackboneWeightsError, resolve_backbone_weights
 from smoothsa.slot_attention import SlotAttention
 from smoothsa.state import atomic_save, atomic_write_text, load_training_state, rng_state, save_checkpoint, set_rng_state
 from smoothsa.tasks import task_for
@@ -73,11 +75,11 @@ class Distributed:
         device = torch.device(device)
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+                raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
             if device.index is None:
                 device = torch.device("cuda", self.local_rank)
             if device.index >= torch.cuda.device_count():
-                raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+                raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
             torch.cuda.set_device(device)
         self.device = device
         if self.world_size > 1 and not dist.is_initialized():
@@ -121,7 +123,8 @@ class Logger:
     """CSV always; TensorBoard event files (scalars and the slot picture) when `tensorboard` is installed.
     Rank 0 only."""
 
-    def __init__(self, out: Path | None, enabled: bool):
+    def __init__(self, out: Path | None, enabled: bool, step: int = 0):
+        """step: where the run starts; a resumed run's TensorBoard drops the events logged after it."""
         self.enabled = enabled and out is not None
         self.path = out / "log.csv" if out is not None else None
         self.writer = None
@@ -129,7 +132,7 @@ class Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out / "tensorboard"))
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
             except ImportError:
                 pass
 
@@ -172,6 +175,7 @@ class Trainer:
         after_checkpoint: callables `f(trainer, path)` run after each checkpoint is written.
         stop_reason: set it (e.g. from a signal handler or an `after_step` hook) and `fit` saves the state and
             returns after the current step; `finished` says whether the run reached `total_steps`.
+        state_saved_at: the step whose state `save_state` wrote last (None: none yet).
     """
 
     def __init__(self, preset: Preset, options: RunOptions | None = None, device: str | torch.device | None = None):
@@ -218,6 +222,7 @@ class Trainer:
         self.after_checkpoint: list[Callable[["Trainer", Path], None]] = []
         self.stop_reason: str | None = None
         self.finished = False
+        self.state_saved_at: int | None = None  # the step of the last `save_state`
         self.results: dict = {}
         self.clock = time.perf_counter
 
@@ -227,12 +232,13 @@ class Trainer:
         """The one place a new run's starting weights come from: `name=path` for each checkpoint the task
         starts from (`task.initial_weights`, e.g. recognition's `discovery`). A resumed run skips this."""
         given = {name: path for name, path in checkpoints.items() if path is not None}
+        for name in given:
+            if name not in self.task.initial_weights:
+                raise UserError(f"{self.preset.name} does not start from a {name} checkpoint: drop --{name}-ckpt")
         for name in self.task.initial_weights:
             if name not in given:
-                raise ValueError(f"{self.preset.name} starts from a trained {name} model: pass --{name}-ckpt")
+                raise UserError(f"{self.preset.name} starts from a trained {name} model: pass --{name}-ckpt PATH")
         for name, path in given.items():
-            if name not in self.task.initial_weights:
-                raise ValueError(f"{self.preset.name} does not start from a {name} checkpoint: drop --{name}-ckpt")
             self.task.load_initial_weights(self.model, name, path)
             self.initial_weights[name] = os.fspath(path)
 
@@ -318,7 +324,9 @@ class Trainer:
         """Writes `out/state.pt` atomically (rank 0); other ranks write nothing. Call it between steps."""
         if self.out is None or not self.dist.main:
             return None
-        return atomic_save(self.state_dict(), self.out / "state.pt")
+        path = atomic_save(self.state_dict(), self.out / "state.pt")
+        self.state_saved_at = self.step_count
+        return path
 
     def save_checkpoint(self, name: str) -> Path | None:
         """Writes the weights in the official layout to `out/name` (rank 0), then runs `after_checkpoint`."""
@@ -345,10 +353,11 @@ class Trainer:
     def _picture(self, first) -> np.ndarray:
         batch, out = first
         pixels = batch[self.task.pixels]
-        segment = batch["segment"]
+        segment = batch.get("segment")  # None: data without ground truth (a blank column)
         pred = segments_from_attention(self.task.attention(out).float(), tuple(pixels.shape[-2:]))
         if pixels.dim() == 5:  # video: the frames of the first clip, one per row
-            pixels, segment, pred = pixels[0], segment[0], pred[0]
+            pixels, pred = pixels[0], pred[0]
+            segment = None if segment is None else segment[0]
         return visualize.grid_array(pixels, segment, pred, most=8)
 
     def fit(self, train_loader, val_loader, out: str | os.PathLike | None = None) -> dict:
@@ -364,7 +373,7 @@ class Trainer:
         if len(train_loader) == 0:
             raise ValueError(f"the training split has fewer samples than one batch ({optim.batch_size})")
         val_interval = max(1, total // optim.validations)
-        logger = Logger(self.out, main)
+        logger = Logger(self.out, main, self.step_count)
         if main:
             fused = any(m.fused for m in self.model.modules() if isinstance(m, SlotAttention))
             print(f"{self.preset.name}: {total} steps, batch {optim.batch_size} per process × {self.dist.world_size} = "
@@ -410,8 +419,6 @@ class Trainer:
             progress.close()
         if self.stop_reason is not None:
             self.save_state()
-            if main:
-                print(f"stopped ({self.stop_reason}) at step {self.step_count}; continue with --resume", flush=True)
         else:
             skipped = self.check_bad_steps()
             self.finished = True
@@ -438,37 +445,88 @@ class Trainer:
 
 
 def train(preset: Preset, data: str | Path, out: str | Path, options: RunOptions | None = None, resume: bool = False,
-          discovery_ckpt: str | Path | None = None, device: str | None = None) -> Trainer:
-    """Trains `preset` on the LMDB splits in `data`, writing into `out`; returns the trainer (its `results`
-    are the last validation's, `finished` says whether it reached the last step)."""
+          discovery_ckpt: str | Path | None = None, device: str | torch.device | None = None, *,
+          teacher_ckpt: str | Path | None = None, backbone_weights: str | os.PathLike | None = "auto",
+          overwrite: bool = False, overrides: list[str] = (), save_every_min: float = 10.0,
+          keep_last: int | None = None, clock: Callable[[], float] = time.monotonic, say=print) -> "Trainer | None":
+    """Trains `preset` on the LMDB splits in `data` into the run folder `out` (`smoothsa.runs`): refuses a folder
+    that holds a run unless `resume` or `overwrite`, saves the state every `save_every_min` minutes (by `clock`)
+    and on SIGTERM/SIGINT, keeps the newest `keep_last` checkpoints.
+
+    A new run starts from the task's checkpoints (`discovery_ckpt`, `teacher_ckpt`) or, when it has none, from the
+    `backbone_weights` (`smoothsa.pretrained.resolve_backbone_weights`: "auto", "random" or a path); everything the
+    user can get wrong (the folder, the weights, the data) is checked before the folder changes. A resumed run
+    continues from `out/state.pt` with the saved config.json (`overrides` re-applied to it, see `runs.prepare`).
+
+    Returns the trainer (its `results` are the last validation's), or None when `out` holds a finished run and
+    `resume` was asked (nothing to do). Raises `cli.Stopped` (status 143/130) after a signal's save.
+    """
     options = options or RunOptions()
     out = Path(out)
-    trainer = Trainer(preset, options, device)
-    if resume:
-        trainer.load_state_dict(load_training_state(out / "state.pt"))
+    request = dict(overrides=list(overrides), resume=resume, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        say = lambda _: None  # noqa: E731 (the first process speaks for all)
+    decision = runs.prepare(out, preset, options, writer=False, say=say, **request)
+    if decision.finished:
+        return None
+    timer, keep = runs.SaveTimer(save_every_min, clock), runs.CheckpointKeeper(out, keep_last)  # checks the flags
+    trainer = Trainer(decision.preset, options, device)
+    main = trainer.dist.main
+    record: dict = {}
+    if decision.resumed:
+        trainer.load_state_dict(load_training_state(decision.state_path))  # the weights, never reloaded
+        say(f"resuming {out} from step {trainer.step_count}")
     else:
-        trainer.load_initial_weights(discovery=discovery_ckpt)
-    if trainer.dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(trainer.config(), indent=2))
-    optim, dist = preset.optim, trainer.dist
+        trainer.load_initial_weights(discovery=discovery_ckpt, teacher=teacher_ckpt)
+        starts_from = trainer.task.initial_weights
+        if starts_from:
+            if backbone_weights not in (None, "auto"):
+                raise UserError(f"--backbone-weights {backbone_weights}: {preset.name} takes its backbone from the "
+                                f"--{starts_from[0]}-ckpt checkpoint; drop --backbone-weights")
+            banner = f"backbone weights: from the {starts_from[0]} checkpoint {trainer.initial_weights[starts_from[0]]}"
+        else:
+            try:
+                banner = resolve_backbone_weights(trainer.model, decision.preset, backbone_weights)
+            except BackboneWeightsError as error:
+                raise UserError(str(error)) from None
+        say(f"*** {banner} ***" if banner == RANDOM_BANNER else banner)
+        record = {"initial_weights": dict(trainer.initial_weights), "backbone_weights": banner}
+    run_preset, optim, dist = decision.preset, decision.preset.optim, trainer.dist
 
     def loader(split: str, batch_size: int):
         training = split == "train"
-        return loader_for(preset, data, split, batch_size, training, options.workers, options.backend,
+        return loader_for(run_preset, data, split, batch_size, training, options.workers, options.backend,
                           optim.seed, dist.rank, dist.world_size, trainer.device,
                           keys=trainer.task.train_keys if training else None)
 
-    train_loader, val_loader = loader("train", optim.batch_size), loader("val", optim.val_batch_size)
-
-    def request_stop(signum, frame):
-        trainer.stop_reason = f"signal {signum}"
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        trainer.fit(train_loader, val_loader, out)
+        train_loader, val_loader = loader("train", optim.batch_size), loader("val", optim.val_batch_size)
+    except ValueError as error:  # the data layer's: an empty split, a reader without the keys the task needs
+        raise UserError(str(error)) from None
+    # Only the first process writes; the others keep the decision they made before the process group met
+    # (checked again now, they would find the folder the first process has just written).
+    run = runs.prepare(out, preset, options, record=record, say=say, **request) if main else decision
+    trainer.after_checkpoint.append(lambda _, path: keep.prune())
+    timer.saved()  # the minutes count from here
+    try:
+        with runs.StopSignals() as signals:
+
+            def save_when_due(trainer: Trainer) -> None:
+                # One process: the flag, every step; several: one all-reduce at logging steps, so all stop together.
+                if dist.world_size == 1 or trainer.step_count % options.log_every == 0:
+                    if signals.requested_on_any_rank(trainer.device):
+                        trainer.stop_reason = signal.Signals(signals.signum).name  # `fit` saves the state
+                        return
+                if trainer.state_saved_at == trainer.step_count:  # a validation just saved it
+                    timer.saved()
+                elif timer.due():
+                    trainer.save_state()
+                    timer.saved()
+
+            trainer.after_step.append(save_when_due)
+            trainer.fit(train_loader, val_loader, run.out)
+            if trainer.stop_reason is not None:
+                raise signals.stopped(trainer.step_count, run.state_path)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         dist.close()
     return trainer

@@ -1,5 +1,11 @@
 """The embedded demo: its trivial baselines and one tiny end-to-end run (train, evaluate, compare, write)."""
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -54,3 +60,48 @@ def test_demo_trains_evaluates_and_writes_metrics_and_pictures(data, tmp_path, c
     assert (tmp_path / "demo" / "last.pth").exists()
     printed = capsys.readouterr().out
     assert "grid_3x3" in printed and f"{written['val']['ari_fg']:6.3f}" in printed
+
+
+def _hashes(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_demo_resumably_and_a_finished_demo_says_it_is_done(data, tmp_path, capsys):
+    out = tmp_path / "demo"
+    overrides = [x for item in SMALL + ["optim.total_steps=60"] for x in ("--set", item)]
+    command = [sys.executable, "-m", "smoothsa.train", "--out", str(out), "--data", str(data), "--workers", "1",
+               *overrides]
+    # Its own process group, as a terminal's: Ctrl-C reaches the loader worker too, which must ignore it.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=os.environ | {"SMOOTHSA_FUSED": "0"})
+    for _ in range(2400):
+        if (out / "log.csv").exists() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, error = proc.communicate(timeout=120)
+    assert proc.returncode == 130, error
+    assert "run the same command with --resume to continue" in error.strip().splitlines()[-1]
+    assert "Traceback" not in error and "FileNotFoundError" not in error
+    assert not (out / "last.pth").exists() and not (out / "eval").exists()
+
+    from smoothsa.train import main
+
+    again = ["--out", str(out), "--data", str(data), *overrides]
+    with pytest.raises(SystemExit) as refused:  # neither resumed nor overwritten: refused
+        main(again)
+    assert refused.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    main(again + ["--resume", "--backbone-weights", str(tmp_path / "absent.pth")])  # a resume loads no weights
+    summary = json.loads((out / "eval" / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text())["step"] == 60 and "train_seconds" in summary
+    capsys.readouterr()
+    before = _hashes(out)
+    main(again)  # the finished demo, run again as it was
+    printed = capsys.readouterr().out
+    assert f"the demo in {out} is done: metrics {out / 'eval' / 'metrics.json'}" in printed and "--overwrite" in printed
+    assert _hashes(out) == before
+    main(again + ["--overwrite"])
+    assert "moved the previous run" in capsys.readouterr().out
+    assert (out / "previous-1" / "eval" / "metrics.json").exists() and (out / "eval" / "metrics.json").exists()

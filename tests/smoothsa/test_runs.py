@@ -3,6 +3,7 @@ leftover .tmp files, log.csv after a resume, time-based saves, signals, keep-las
 or read-only disk."""
 import argparse
 import csv
+import dataclasses
 import errno
 import hashlib
 import json
@@ -10,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -121,6 +123,19 @@ def test_resume_uses_the_saved_config_and_accepts_the_listed_changes(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["optim"]["validations"] == 3 and config["options"]["workers"] == 2
     assert set(runs.RESUME_CHANGEABLE) >= {"optim.validations", "options.workers", "options.log_every"}
+
+
+def test_the_resumable_options_are_run_options_and_a_resume_keeps_the_record(tmp_path):
+    from smoothsa.trainer import RunOptions
+
+    fields = {f"options.{f.name}" for f in dataclasses.fields(RunOptions)}
+    assert {key for key in runs.RESUME_CHANGEABLE if key.startswith("options.")} <= fields
+    record = {"initial_weights": {"teacher": "spot.pth"}, "backbone_weights": "backbone weights: from the teacher"}
+    runs.prepare(tmp_path, preset(), RunOptions(workers=0), record=record)
+    torch.save({"step": 4}, tmp_path / "state.pt")
+    runs.prepare(tmp_path, preset(), RunOptions(workers=3), resume=True, say=lambda _: None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["options"]["workers"] == 3 and {k: config[k] for k in record} == record
 
 
 def test_resuming_a_finished_run_touches_nothing(tmp_path, capsys):
@@ -277,10 +292,12 @@ def test_the_stop_request_is_reduced_over_the_process_group(tmp_path):
     assert runs.StopSignals().requested_on_any_rank(torch.device("cpu")) is False  # no group: this process's own
 
 
-def test_loader_workers_can_ignore_the_stop_signals():
+def test_loader_workers_ignore_the_stop_signals():
+    from smoothsa.dataio.epochs import seed_worker
+
     previous = {s: signal.getsignal(s) for s in runs.StopSignals.SIGNALS}
     try:
-        runs.StopSignals.ignore_in_worker(0)  # called as a worker_init_fn(worker_id)
+        seed_worker(0, seed=1, epoch=0)  # every loader worker's worker_init_fn
         assert all(signal.getsignal(s) is signal.SIG_IGN for s in runs.StopSignals.SIGNALS)
     finally:
         for s, handler in previous.items():
@@ -455,3 +472,49 @@ def test_the_run_flags_parse_and_refuse_bad_values(capsys):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args(bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+TRAIN_TINY = [
+    "model.backbone=patch", "model.image_size=32", "model.grid=4", "model.feature_dim=32", "model.slot_dim=16",
+    "model.decoder_layers=1", "model.num_slots=4", "data.dataset=synthetic", "optim.batch_size=4",
+    "optim.val_batch_size=8", "optim.total_steps=60", "optim.validations=2",
+]
+
+
+def _wait_for(path, proc, polls=2400):
+    """Polls (up to two minutes) until `path` exists or the process ended."""
+    for _ in range(polls):
+        if path.exists() or proc.poll() is not None:
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_through_the_training_cli_saves_a_state_that_resumes_to_the_same_weights(data, tmp_path):
+    def command(out):
+        return [sys.executable, "-m", "smoothsa.train", "--preset", "smoothsa_r-coco", "--data", str(data), "--out",
+                str(out), "--workers", "0", "--amp", "none", "--device", "cpu"] + \
+            [x for item in TRAIN_TINY for x in ("--set", item)]
+
+    env = os.environ | {"SMOOTHSA_FUSED": "0"}
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=300, env=env)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(out / "log.csv", proc)  # the first logged step (20)
+    proc.send_signal(signal.SIGTERM)
+    _, error = proc.communicate(timeout=120)
+    assert proc.returncode == 143, error
+    step = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert 20 <= step < 60 and not (out / "last.pth").exists() and not (out / "metrics.json").exists()
+    assert error.strip().splitlines()[-1] == (f"stopped by SIGTERM at step {step}; the state is saved in "
+                                              f"{out / 'state.pt'}: run the same command with --resume to continue")
+    assert "Traceback" not in error
+    resumed = subprocess.run(command(out) + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, again = torch.load(tmp_path / "whole" / "last.pth"), torch.load(out / "last.pth")
+    assert expected.keys() == again.keys() and all(torch.equal(expected[k], again[k]) for k in expected)
+    with open(out / "log.csv", newline="") as file:
+        rows = [tuple(row[:3]) for row in csv.reader(file)][1:]
+    with open(tmp_path / "whole" / "log.csv", newline="") as file:
+        assert rows == [tuple(row[:3]) for row in csv.reader(file)][1:]  # no duplicate rows, none missing

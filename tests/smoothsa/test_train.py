@@ -1,11 +1,16 @@
 """Training and evaluation end to end on tiny synthetic data: kill and resume, DDP on gloo, bad steps, bad input."""
+import csv
+import errno
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +19,8 @@ from smoothsa.checkpoint import read_checkpoint
 from smoothsa.eval import evaluate_model
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.tasks import ImageDiscovery
-from smoothsa.trainer import RunOptions, train
+from smoothsa.pretrained import RANDOM_BANNER
+from smoothsa.trainer import RunOptions, Trainer, train
 
 TINY = [
     "model.backbone=patch", "model.image_size=32", "model.grid=4", "model.feature_dim=32", "model.slot_dim=16",
@@ -36,6 +42,12 @@ def _cli(args, cwd, env=None):
 
 def _overrides():
     return [x for item in TINY for x in ("--set", item)]
+
+
+def log_rows(out) -> list[tuple[str, ...]]:
+    """(step, split, name) of every row of a run's log.csv."""
+    with open(out / "log.csv", newline="") as file:
+        return [tuple(row[:3]) for row in csv.reader(file)]
 
 
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
@@ -61,6 +73,7 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["step"] == 12
     assert sorted(p.name for p in run.glob("ckpt-*.pth")) == [f"ckpt-{s:07d}.pth" for s in range(6, 13)]
     assert not list(run.glob("*.tmp"))
+    assert log_rows(tmp_path / "whole") == log_rows(run)  # the rows logged after the saved state were dropped
     whole, again = read_checkpoint(tmp_path / "whole" / "last.pth"), read_checkpoint(run / "last.pth")
     assert whole.keys() == again.keys()
     for key in whole:
@@ -132,7 +145,8 @@ def test_ddp_on_two_cpu_processes(data, tmp_path):
 def test_training_cli_rejects_bad_input(tmp_path, args, message):
     proc = _cli(["smoothsa.train", *args, "--out", str(tmp_path / "run")], tmp_path)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0 and message in output, output
+    assert proc.returncode == 2 and message in output and "Traceback" not in output, output
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_cli_names_keys_of_a_wrong_checkpoint(data, tmp_path):
@@ -141,7 +155,8 @@ def test_eval_cli_names_keys_of_a_wrong_checkpoint(data, tmp_path):
     proc = _cli(["smoothsa.eval", "--preset", "smoothsa_r-coco", "--ckpt", str(tmp_path / "spot.pth"),
                  "--data", str(data), "--device", "cpu", *_overrides()], tmp_path)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0 and "m.decode.bos" in output and "missing key" in output, output
+    assert proc.returncode == 2 and "m.decode.bos" in output and "missing key" in output, output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
 
 
 def test_preheat_detach_keeps_the_initializer_input_detached_throughout(data, tmp_path):
@@ -157,9 +172,234 @@ def test_recognition_probe_trains_on_a_frozen_discovery_checkpoint(data, tmp_pat
     probe = apply_overrides(get_preset("smoothsa_r_recogn-coco"), TINY + ["data.dataset=coco", "model.num_classes=4"])
     with pytest.raises(ValueError, match="--discovery-ckpt"):
         train(probe, data, tmp_path / "probe", OPTIONS)
+    assert not (tmp_path / "probe").exists()  # refused before the folder is written
     results = train(probe, data, tmp_path / "probe", OPTIONS, discovery_ckpt=tmp_path / "discovery" / "last.pth").results
     assert set(results) >= {"top1", "top3", "iou", "num", "loss_ce", "loss_l1"} and results["num"] > 0
     state = read_checkpoint(tmp_path / "probe" / "last.pth")
     before = read_checkpoint(tmp_path / "discovery" / "last.pth")
     assert torch.equal(state["m.discov.aggregat.proj_q.weight"], before["m.aggregat.proj_q.weight"])  # frozen
     assert state["m.recogn.3.weight"].shape == (4 + 4, 512)
+
+
+# -- the command line: run folders, refusals, weights, signals ------------------------------------------------------
+
+def hashes(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_main(argv, capsys, entry=None):
+    """`python -m smoothsa.train ARGV` in this process: (status, stdout, stderr)."""
+    from smoothsa.train import main
+
+    try:
+        (entry or main)([str(a) for a in argv])
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def tiny_args(data, out, *extra):
+    return ["--preset", "smoothsa_r-coco", "--data", data, "--out", out, "--workers", "0", "--amp", "none",
+            "--device", "cpu", *_overrides(), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A finished tiny run (12 steps) through the command line, and its config.json."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    from smoothsa.train import main
+
+    main([str(a) for a in tiny_args(data, out, "--keep-last", "2")])
+    return out
+
+
+def test_a_run_records_its_weights_and_options_and_keeps_the_last_checkpoints(finished):
+    config = json.loads((finished / "config.json").read_text())
+    assert config["options"]["official_compat"] is False and config["options"]["workers"] == 0
+    assert config["initial_weights"] == {} and "needs no weights" in config["backbone_weights"]
+    assert sorted(p.name for p in finished.glob("ckpt-*.pth")) == ["ckpt-0000011.pth", "ckpt-0000012.pth"]
+    rows = log_rows(finished)
+    assert len(rows) == len(set(rows))
+
+
+@pytest.mark.parametrize("extra,status,message", [
+    ([], 2, "already holds a run (ckpt-0000011.pth, ckpt-0000012.pth, config.json, last.pth, …); continue it "
+            "with --resume, start it again with --overwrite"),
+    (["--resume", "--set", "optim.total_steps=20"], 2, "this would change it (optim.total_steps: saved 12, now 20)"),
+    (["--resume", "--amp", "bf16"], 2, "options.amp: saved 'none', now 'bf16'"),
+    (["--resume", "--overwrite"], 2, "--resume and --overwrite exclude each other"),
+    (["--set", "optim.batch_size=-4"], 2, "optim.batch_size must be at least 1, got -4"),
+    (["--set", "optim.clip_type=l3"], 2, "--set optim.clip_type=l3: expected one of"),
+    (["--device", "cuda:7"], 2, "--device cuda:7"),
+    (["--resume"], 0, "finished at step 12"),
+])
+def test_what_the_cli_refuses_or_finds_done_changes_no_file(finished, capsys, extra, status, message):
+    before = hashes(finished)
+    args = tiny_args(finished.parent / "missing-data", finished, *extra)  # refused before the data is read
+    got, out, err = run_main(args, capsys)
+    assert got == status, (out, err)
+    if status:
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    else:
+        assert message in out and "nothing to do" in out, out
+    assert hashes(finished) == before
+
+
+def test_a_missing_checkpoint_or_a_bad_one_is_one_line_before_the_folder_is_written(data, tmp_path, capsys):
+    probe = ["--preset", "smoothsa_r_recogn-coco", "--data", data, "--device", "cpu", *_overrides(),
+             "--set", "data.dataset=coco", "--set", "model.num_classes=4"]
+    status, _, err = run_main(probe + ["--out", tmp_path / "a"], capsys)
+    assert status == 2 and "starts from a trained discovery model: pass --discovery-ckpt PATH" in err, err
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    status, _, err = run_main(probe + ["--out", tmp_path / "b", "--discovery-ckpt", tmp_path / "junk.pth"], capsys)
+    assert status == 2 and "junk.pth is not a readable checkpoint" in err and "Traceback" not in err, err
+    status, _, err = run_main(probe + ["--out", tmp_path / "c", "--teacher-ckpt", tmp_path / "junk.pth"], capsys)
+    assert status == 2 and "does not start from a teacher checkpoint: drop --teacher-ckpt" in err, err
+    distill = ["--preset", "spot_r_distill-coco", "--data", data, "--device", "cpu", *_overrides(),
+               "--set", "model.slot_dim=32", "--out", tmp_path / "d"]
+    status, _, err = run_main(distill, capsys)
+    assert status == 2 and "pass --teacher-ckpt PATH" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pth"]
+
+
+def test_distillation_starts_from_the_teacher_checkpoint_and_records_it(data, tmp_path, capsys):
+    spot = ["--preset", "spot_r-coco", "--data", data, "--device", "cpu", "--workers", "0", *_overrides(),
+            "--set", "model.slot_dim=32", "--set", "optim.total_steps=2"]
+    assert run_main(spot + ["--out", tmp_path / "spot"], capsys)[0] == 0
+    teacher = tmp_path / "spot" / "last.pth"
+    distill = ["--preset", "spot_r_distill-coco", "--data", data, "--device", "cpu", "--workers", "0",
+               *_overrides(), "--set", "model.slot_dim=32", "--set", "optim.total_steps=2", "--out", tmp_path / "d"]
+    status, out, err = run_main(distill + ["--teacher-ckpt", teacher, "--backbone-weights", "random"], capsys)
+    assert status == 2 and "takes its backbone from the --teacher-ckpt checkpoint" in err, err
+    status, out, err = run_main(distill + ["--teacher-ckpt", teacher], capsys)
+    assert status == 0, err
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["initial_weights"] == {"teacher": str(teacher)}
+    assert config["backbone_weights"] == f"backbone weights: from the teacher checkpoint {teacher}"
+    trained, source = read_checkpoint(tmp_path / "d" / "last.pth"), read_checkpoint(teacher)
+    assert torch.equal(trained["m.teacher.aggregat.proj_q.weight"], source["m.aggregat.proj_q.weight"])  # frozen
+
+
+def test_offline_without_cached_weights_an_official_preset_stops_before_any_step(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    calls = []
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        calls.append(url)
+        raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(Trainer, "step", lambda *_: pytest.fail("a step ran"))
+    out = tmp_path / "run"
+    status, _, err = run_main(["--preset", "smoothsa_r-coco", "--data", data, "--out", out, "--device", "cpu"], capsys)
+    assert status == 2 and len(calls) == 1 and "Traceback" not in err, err
+    assert "cannot download the DINOv2 weights" in err and "--backbone-weights" in err and str(tmp_path / "torch") in err
+    assert not out.exists()
+
+
+def test_a_random_backbone_is_said_loudly_and_recorded(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Trainer, "fit", lambda self, *args: None)  # the banner and the record come before
+    out = tmp_path / "run"
+    status, printed, err = run_main(["--preset", "smoothsa_r-coco", "--data", data, "--out", out, "--device", "cpu",
+                                     "--backbone-weights", "random", "--set", "optim.total_steps=4"], capsys)
+    assert status == 0, err
+    assert f"*** {RANDOM_BANNER} ***" in printed
+    assert json.loads((out / "config.json").read_text())["backbone_weights"] == RANDOM_BANNER
+
+
+def test_the_state_is_saved_every_few_minutes_of_the_injected_clock(data, tmp_path, monkeypatch):
+    """60 s a step and --save-every-min 2: a save every second step, counted from the last save of any kind."""
+    now = [0.0]
+    saved = []
+    step, save_state = Trainer.step, Trainer.save_state
+
+    def minute_step(self, batch):
+        now[0] += 60.0
+        return step(self, batch)
+
+    def recorded(self):
+        saved.append(self.step_count)
+        return save_state(self)
+
+    monkeypatch.setattr(Trainer, "step", minute_step)
+    monkeypatch.setattr(Trainer, "save_state", recorded)
+    train(tiny("optim.validations=4", "optim.total_steps=12"), data, tmp_path, OPTIONS, save_every_min=2,
+          clock=lambda: now[0])
+    assert saved == [2, 3, 5, 6, 8, 9, 11, 12]  # validations at 3, 6, 9, 12; by time 2 steps after each save
+
+
+def test_folder_data_trains_and_validates_on_the_losses_only(tmp_path, capsys):
+    from PIL import Image
+
+    from smoothsa.dataio.folder import convert_folder
+    from smoothsa.eval import main as eval_main
+
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (24 + i, 30, 3), dtype=np.uint8)).save(tmp_path / f"photo{i}.png")
+    convert_folder(tmp_path, tmp_path / "data", val_fraction=0.3)
+    out = tmp_path / "run"
+    args = tiny_args(tmp_path / "data", out, "--set", "data.dataset=folder", "--set", "optim.total_steps=4",
+                     "--set", "optim.validations=2")
+    status, printed, err = run_main(args, capsys)
+    assert status == 0, err
+    assert printed.count("no ground-truth segments in") == 1 and "validation reports the losses only" in printed
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["step"] == 4 and set(summary["val"]) == {"loss_recon", "loss_preheat"}
+    status, printed, err = run_main(["--preset", "smoothsa_r-coco", "--ckpt", out / "last.pth", "--data",
+                                     tmp_path / "data", "--device", "cpu", "--workers", "0", *_overrides(),
+                                     "--set", "data.dataset=folder", "--out", tmp_path / "eval"], capsys, eval_main)
+    assert status == 0, err
+    assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())["val"]) == {"loss_recon", "loss_preheat"}
+    assert (tmp_path / "eval" / "slots.png").stat().st_size > 0
+    boxes = tiny_args(tmp_path / "data", tmp_path / "boxes", "--set", "data.dataset=folder", "--set",
+                      "model.initializer=mlp_preheated", "--set", "data.with_bbox=true")
+    status, _, err = run_main(boxes, capsys)  # a box-conditioned model needs boxes that folders lack
+    assert status == 2 and "folder: this reader has no boxes" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "boxes").exists()
+
+
+def test_eval_on_an_empty_split_or_a_missing_device_is_one_line(data, tmp_path, capsys):
+    from smoothsa.dataio.records import LmdbWriter
+    from smoothsa.eval import main as eval_main
+
+    (tmp_path / "empty").mkdir()
+    with LmdbWriter(tmp_path / "empty" / "val.lmdb"):
+        pass
+    model = smoothsa.build_model(tiny().model)
+    torch.save(smoothsa.official_state_dict(model), tmp_path / "model.pth")
+    common = ["--preset", "smoothsa_r-coco", "--ckpt", tmp_path / "model.pth", *_overrides(), "--workers", "0"]
+    status, _, err = run_main(common + ["--data", tmp_path / "empty", "--device", "cpu"], capsys, eval_main)
+    assert status == 2 and "the split holds no samples" in err and len(err.strip().splitlines()) == 1, err
+    status, _, err = run_main(common + ["--data", data, "--device", "cuda:3"], capsys, eval_main)
+    assert status == 2 and "--device cuda:3" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_state(data, tmp_path, capsys, monkeypatch):
+    from smoothsa import state
+
+    full, saves = [False], []
+    write, save = state._FileSink.write, Trainer.save_state
+
+    def write_unless_full(self, chunk):
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(self, chunk)
+
+    def save_then_fill_the_disk(self):
+        saves.append(self.step_count)
+        full[0] = len(saves) > 1
+        return save(self)
+
+    monkeypatch.setattr(state._FileSink, "write", write_unless_full)
+    monkeypatch.setattr(Trainer, "save_state", save_then_fill_the_disk)
+    out = tmp_path / "run"
+    status, _, err = run_main(tiny_args(data, out, "--set", "optim.validations=6"), capsys)
+    assert status == 2 and saves == [2, 4], err
+    assert err.strip().splitlines()[-1] == (f"error: cannot write {out / 'state.pt'} (the previous one is kept): "
+                                            "No space left on device; free some space or choose another --out")
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 2 and not list(out.glob("*.tmp"))
