@@ -36,5 +36,5 @@ $(VENV)/.demo-ready: $(VENV)/.torch-ready setup.py
 	@touch $@
 
 $(VENV)/.test-ready: $(VENV)/.torch-ready setup.py
-	$(PY) -m pip install --quiet -e ".[test,video,convert]"
+	$(PY) -m pip install --quiet -e ".[test,video,convert,tensorboard]"
 	@touch $@
