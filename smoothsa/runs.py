@@ -70,6 +70,8 @@ RESUME_CHANGEABLE = (
     "options.workers",        # loader processes; each sample's augmentation is seeded by its index
     "options.log_every",
     "options.compile",
+    "options.compile_mode",
+    "options.compile_backend",
     "options.max_bad_steps",
 )
 

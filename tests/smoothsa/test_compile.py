@@ -8,6 +8,7 @@ AOTAutograd must trace the backward with a symbolic slot count): a graph break o
 second graph.
 """
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from smoothsa import build_model, compile_model
 from smoothsa.presets import get_preset
 from smoothsa.tasks import task_for
+from smoothsa.trainer import RunOptions, Trainer
 
 TINY = {"backbone": "patch", "image_size": 32, "grid": 4, "decoder_layers": 1, "feature_dim": 32, "slot_dim": 32}
 DISCOVERY = ["smoothsa_r-coco", "spot_r-coco", "smoothsav_c-movi_c", "smoothsav_r-ytvis"]
@@ -155,3 +157,47 @@ def test_validation_compiles_once_beside_training():
             batch = _batch(preset, seed=round)
             task_for(preset).losses(task_for(preset).forward(model, batch), batch)
         assert counter.frame_count == 2, f"round {round}: {counter.frame_count} graphs compiled"
+
+
+class Split:
+    """What `smoothsa.evaluation.evaluate` reads of a loader: its batches, the split's size, the shard."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+        self.dataset = range(sum(len(next(iter(batch.values()))) for batch in batches))
+        self.options = SimpleNamespace(rank=0, world_size=1)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _scored(preset, slots: int, seed: int) -> dict:
+    """`_batch` with the segments the metrics read: every pixel in object 1 of `slots` (and the background)."""
+    batch = _batch(preset, slots=slots, seed=seed)
+    if "segment" not in batch:
+        pixels = batch["video" if "video" in batch else "image"]
+        index = torch.randint(0, slots + 1, (*pixels.shape[:-3], *pixels.shape[-2:]))
+        batch["segment"] = torch.nn.functional.one_hot(index, slots + 1).bool()
+    return batch
+
+
+@pytest.mark.parametrize("name", ["smoothsa_r-coco", "spot_r-coco", "smoothsav_c-movi_c", "smoothsa_r_recogn-coco"])
+def test_trainer_steps_and_validation_compile_two_graphs(name):
+    """Through `Trainer` (`RunOptions(compile=True)`): training steps (MOVi: a new box count every batch), a
+    validation, more steps and another validation compile one training graph and one validation graph (the
+    recognition model: of its discovery model), with no graph break."""
+    preset, _ = _tiny(name)
+    counter = CompileCounterWithBackend("eager")  # AOTAutograd with a symbolic S: test_box_slot_count_is_dynamic
+    trainer = Trainer(preset, RunOptions(amp="none", compile=True, compile_backend=counter, workers=0), "cpu")
+    assert not any("_orig_mod" in key for key in trainer.model.state_dict())  # compiled in place
+    trainer.step_count = 5  # past the warm-up
+    slot_counts = iter([3, 4, 5, 3, 6] if preset.model.initializer == "mlp_preheated" else [3] * 5)
+    val = Split([_scored(preset, 3, seed) for seed in (10, 11)])
+    for steps, graphs in ((3, 1), (2, 2)):  # the second round's steps reuse the training graph
+        for _ in range(steps):
+            trainer.step(_batch(preset, slots=next(slot_counts), seed=trainer.step_count))
+            assert counter.frame_count == graphs, f"step {trainer.step_count}: {counter.frame_count} graphs compiled"
+        results = trainer.validate(val).results
+        assert counter.frame_count == 2, f"validation: {counter.frame_count} graphs compiled"
+    assert results and not torch._dynamo.utils.counters["graph_break"]
+    assert int(trainer.bad_steps) == 0
