@@ -14,6 +14,8 @@ from smoothsa.checkpoint import read_checkpoint
 from smoothsa.eval import evaluate_model
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.tasks import ImageDiscovery
+from smoothsa.dataio import default_workers
+from smoothsa.train import parse_args, run_options
 from smoothsa.trainer import RunOptions, train
 
 TINY = [
@@ -163,3 +165,14 @@ def test_recognition_probe_trains_on_a_frozen_discovery_checkpoint(data, tmp_pat
     before = read_checkpoint(tmp_path / "discovery" / "last.pth")
     assert torch.equal(state["m.discov.aggregat.proj_q.weight"], before["m.aggregat.proj_q.weight"])  # frozen
     assert state["m.recogn.3.weight"].shape == (4 + 4, 512)
+
+
+def test_run_options_of_the_command_line(capsys):
+    options = run_options(parse_args(["--compile-mode", "reduce-overhead", "--loader", "torch-gpu"]))
+    assert (options.compile_mode, options.backend, options.workers) == ("reduce-overhead", "torch-gpu", default_workers())
+    assert run_options(parse_args(["--workers", "3"]), workers=0).workers == 3
+    assert run_options(parse_args([]), workers=0).workers == 0  # the demo's default
+    assert RunOptions().workers == default_workers()
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--loader", "pillow"])
+    assert stop.value.code == 2 and "torch-gpu" in capsys.readouterr().err
