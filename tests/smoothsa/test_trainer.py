@@ -1,6 +1,7 @@
 """Trainer.step on every kind of model: one step changes the weights exactly as a plain loop does (float64),
 reads nothing on the host, and skips non-finite steps on the device."""
 import copy
+import itertools
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from smoothsa import losses, schedules
+from smoothsa.evaluation import loader_for
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.trainer import RunOptions, Trainer
 
@@ -302,3 +304,26 @@ def test_a_stop_requested_by_an_after_step_hook_saves_a_state_that_resumes_to_th
     assert resumed.finished
     expected, again = read_checkpoint(tmp_path / "whole" / "last.pth"), read_checkpoint(tmp_path / "stopped" / "last.pth")
     assert expected.keys() == again.keys() and all(torch.equal(expected[k], again[k]) for k in expected)
+
+
+def test_the_torch_gpu_loader_trains_the_weights_of_the_torch_loader(data):
+    """Four steps through the Trainer from the `torch` and the `torch-gpu` loader (same windows and flips,
+    images within one uint8 level) reach the same weights: each Adam step moves a weight by up to lr, so four
+    move it by up to 4 lr; the two runs differ by less than one step's lr (Adam's update of a weight whose
+    gradient is near 0 follows the gradient's sign, which a level's difference may flip)."""
+    preset = apply_overrides(get_preset("smoothsa_r-coco"), FIT)
+    weights = []
+    for backend in ("torch", "torch-gpu"):
+        trainer = Trainer(preset, OPTIONS, device="cpu")
+        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        loader = loader_for(preset, data, "train", preset.optim.batch_size, True, 0, backend, preset.optim.seed,
+                            keys=trainer.task.train_keys)  # fmt: skip
+        trainer.step_count = 2  # past the warm-up
+        for batch in itertools.islice(loader, 4):
+            trainer.step(batch)
+        weights.append(trainer.model.state_dict())
+    lr = preset.optim.lr
+    moved = max((value - start[key]).abs().max() for key, value in weights[0].items() if value.is_floating_point())
+    assert moved > 2 * lr
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=lr, msg=key)
