@@ -228,8 +228,9 @@ class Trainer:
         One process, or a recognition model: compiled in place (`compile_model`: the state_dict keeps its keys;
         a recognition model compiles its frozen discovery model only, as the matching runs on the host), so
         training and validation share the compiled model (train() and eval() are one graph each). A discovery
-        model under DDP is compiled around the DDP wrapper, as torch recommends: dynamo then splits the graph at
-        DDP's gradient buckets so that their all-reduce overlaps the backward.
+        model under DDP is compiled around the DDP wrapper, as torch recommends: DDP's own bookkeeping runs
+        eagerly (dynamo breaks the graph in DDP's forward by design) and the model inside is one graph, which
+        dynamo splits at DDP's gradient buckets so that their all-reduce overlaps the backward.
         """
         compiling = {"mode": self.options.compile_mode, "backend": self.options.compile_backend}
         around_ddp = self.dist.world_size > 1 and not isinstance(model, ObjDiscovRecogn)
