@@ -6,7 +6,9 @@ environment, and the benchmark results, as one JSON document and one Markdown fi
 RUN_FOLDER is what gpu.sh wrote (env.json, nvidia-smi.txt, wheels.txt, phases.jsonl, rows.jsonl, and per phase
 its log, `<phase>.xml` (JUnit) and `<phase>.bench.json` (pytest-benchmark)). The JSON keeps pytest-benchmark's
 layout (`benchmarks`: every result of every phase, so bench/plot.py reads it) and adds `gpu_run`. It is named
-`<gpu>-<date>.json` (`cpu-dry-run-<date>.json` for a dry run), the Markdown beside it.
+`<gpu>-<date>.json` (`cpu-dry-run-<date>.json` for a dry run), the Markdown beside it. A GPU run also rewrites
+`README.md` in OUT_FOLDER (the README's Benchmarks section links it): every recorded run, newest first, and the
+newest one's tables.
 """
 import argparse
 import datetime
@@ -133,6 +135,24 @@ def markdown(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_atomically(path: Path, content: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(content)
+    tmp.replace(path)
+
+
+def results_index(out: Path) -> str:
+    """README.md of a results folder: its `<gpu>-<date>.md` runs, newest first, then the newest one in full."""
+    runs = sorted((p for p in out.glob("*-????-??-??.md") if not p.name.startswith("cpu-dry-run")),
+                  key=lambda p: (p.stem[-10:], p.stem), reverse=True)  # fmt: skip
+    lines = ["# Recorded GPU runs", "", "Written by `bench/gpu.sh` (see `bench/README.md`), newest first:", ""]
+    lines += [f"- [{p.stem}]({p.name}) ([JSON]({p.stem}.json))" for p in runs] or ["(none recorded yet)"]
+    if runs:
+        newest = runs[0].read_text().split("\n", 1)[1]  # without its title
+        lines += ["", f"## {runs[0].stem}", newest.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="the folder bench/gpu.sh wrote")
@@ -144,9 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = args.out / f"{stem}.json", args.out / f"{stem}.md"
     for path, content in ((json_path, json.dumps(document, indent=1)), (markdown_path, text)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(path)
+        write_atomically(path, content)
+    if not args.dry_run:
+        write_atomically(args.out / "README.md", results_index(args.out))
     print(text)
     print(f"wrote {json_path} and {markdown_path}")
 

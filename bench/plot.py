@@ -100,7 +100,9 @@ def _notes(info: dict) -> str:
     if info.get("peak_fraction") is not None:
         notes.append(f"{100 * info['peak_fraction']:.1f}% of peak")
     if info.get("loader_wait_fraction") is not None:
-        notes.append(f"waits on loader {100 * info['loader_wait_fraction']:.0f}%")
+        steady = info.get("steady_loader_wait_fraction")
+        notes.append(f"waits on loader {100 * info['loader_wait_fraction']:.0f}%"
+                     + (f" ({100 * steady:.1f}% after the first batch)" if steady is not None else ""))
     if info.get("graph_breaks"):
         notes.append(f"{info['graph_breaks']} graph breaks")
     if info.get("cudagraph_skips"):

@@ -1,5 +1,6 @@
 """End-to-end training throughput with the real data path: LMDB → decode → augment → collate → host-to-device
-→ training step, torch DataLoader vs DALI, on a synthetic COCO-like LMDB (480×640 JPEGs, written once per session).
+→ training step, torch DataLoader vs torch-gpu (workers only decode; the device crops, resizes, flips and
+normalises) vs DALI, on a synthetic COCO-like LMDB (480×640 JPEGs, written once per session).
 
 A timed round is one epoch of `smoothsa_r-coco` training steps (`TrainingStep` in conftest: `Trainer.step`, which
 reads nothing on the host). On CUDA the model runs as `smoothsa.train` runs it by default (fused kernels, fp16
@@ -41,7 +42,8 @@ def coco_like(tmp_path_factory, sizes):
 
 @pytest.mark.parametrize(
     "backend",
-    ["torch", pytest.param("dali", marks=pytest.mark.skipif(not DALI, reason="nvidia.dali is not installed"))],
+    ["torch", "torch-gpu",
+     pytest.param("dali", marks=pytest.mark.skipif(not DALI, reason="nvidia.dali is not installed"))],
 )
 def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step, coco_like, backend):
     e2e = sizes.end_to_end
@@ -50,7 +52,7 @@ def test_bench_end_to_end(benchmark, record, sizes, device, sync, training_step,
     amp = os.environ.get("SMOOTHSA_BENCH_AMP", "fp16") if CUDA else "none"
     step = training_step(preset, amp, "default" if CUDA else None)
     loader = loader_for(preset, coco_like, "train", workload.batch, True, e2e.workers, backend, seed=0,
-                        device=device if backend == "dali" else None)
+                        device=device if backend != "torch" else None)
     epochs = []  # (blocked in next(), of which the first batch, epoch time, steps), one per round
 
     def epoch():

@@ -14,8 +14,10 @@ crop window of uint8 pixels and index map into a batch padded to the largest win
 (`collate_raw`); the batch is pinned (on CUDA) and copied to the device, where
 `device_transforms.preprocess_batch` resizes, flips and normalises it in a fixed number of batched ops (it
 takes any windows inside padded inputs; here they start at the top left), and the reader's own `finish`
-turns each resized index map into masks (and boxes, classes) there. With `options.device_id=None` that
-device part runs on the CPU, in the main process.
+turns each resized index map into masks (and boxes, classes) there. On CUDA the device part runs on a
+stream of its own, so that the few host reads of `finish` wait for the batch's kernels only, never for the
+training step queued on the consumer's stream (`loader.DeviceLoader`). With `options.device_id=None` it runs
+on the CPU, in the main process.
 
 Why the worker slices the window out: it has to copy every sample into the batch anyway, and copying only
 the window costs nothing more while sending a third fewer bytes to the device. Index maps are not copied

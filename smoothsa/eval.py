@@ -25,6 +25,7 @@ from smoothsa import cli, visualize
 from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official
 from smoothsa.cli import UserError
+from smoothsa.dataio import BACKENDS, default_workers
 from smoothsa.evaluation import evaluate, loader_for
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset, apply_overrides, get_preset
@@ -80,8 +81,9 @@ def main(argv=None) -> None:
     parser.add_argument("--official-compat", action="store_true")
     parser.add_argument("--device", help="cpu, cuda (this process's GPU), cuda:1, … (default: the GPU, else CPU)")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--loader", default="torch", choices=["torch", "dali"])
+    parser.add_argument("--workers", type=int, default=default_workers(), help="loader workers (default: one per CPU "
+                        "less one, at most 15)")
+    parser.add_argument("--loader", default="torch", choices=BACKENDS)
     parser.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"])
     parser.add_argument("--pictures", type=int, default=8, help="samples to draw (0: none)")
     cli.add_debug_argument(parser)

@@ -8,6 +8,7 @@ Distributed: every process scores its shard; sums and counts (never means) are a
 each shard by wrapping around; those repeated samples are dropped before the forward, so each sample counts
 once and the result equals a single-process run.
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -172,7 +173,7 @@ def evaluate(model: torch.nn.Module, task: Task, loader, device: torch.device, s
             for name, value in terms.items():
                 mean.add(f"loss_{name}", value.detach().double() * weight, weight)
         if keep_first and first is None:
-            first = (batch, out)
+            first = (batch, copy.deepcopy(out))  # the outputs of a CUDA graph are overwritten by its next replay
     if world_size > 1:
         mean.all_reduce()
     model.train(was_training)

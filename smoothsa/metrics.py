@@ -240,19 +240,20 @@ def match_slots_to_objects(
     iou = _iou_matrix(pred, true[:, :, 1:])  # (B, S', R)
     if official_compat:
         iou = iou.float()
+        # The values the mask holds, the official membership test's set: 0 if any pixel is False, 1 if any is True.
+        holds = torch.stack([~true.flatten(1).all(1), true.flatten(1).any(1)], 1).cpu().numpy()  # (B, 2)
     iou_np = iou.cpu().numpy()  # host sync: scipy's Hungarian solver runs on the CPU
     batch, slot, obj = [], [], []
     for b, matrix in enumerate(iou_np):
         rows, cols = linear_sum_assignment(matrix, maximize=True)
         keep = matrix[rows, cols] > thresh_iou
         if official_compat:
-            values = [int(v) for v in true[b].unique().tolist()]  # {0, 1} from a boolean mask
-            keep &= np.isin(cols, values)
+            keep &= np.isin(cols, np.flatnonzero(holds[b]))
         batch += [b] * int(keep.sum())
         slot += rows[keep].tolist()
         obj += cols[keep].tolist()
-    device = pred_seg.device
-    return SlotMatches(*(torch.tensor(x, dtype=torch.int64, device=device) for x in (batch, slot, obj)))
+    matches = torch.tensor([batch, slot, obj], dtype=torch.int64).reshape(3, -1)  # one copy to the device
+    return SlotMatches(*matches.to(pred_seg.device))
 
 
 @torch.no_grad()

@@ -73,6 +73,7 @@ RESUME_CHANGEABLE = (
     "options.log_every",
     "options.compile",
     "options.compile_mode",
+    "options.compile_backend",
     "options.max_bad_steps",
 )
 

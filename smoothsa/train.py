@@ -24,6 +24,7 @@ import os
 
 from smoothsa import cli, runs
 from smoothsa.cli import UserError
+from smoothsa.dataio import BACKENDS, default_workers
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.trainer import RunOptions, train
 
@@ -47,18 +48,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "none"])
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None)
     parser.add_argument("--compile", dest="compile", action="store_true")
-    parser.add_argument("--loader", default="torch", choices=["torch", "dali"])
-    parser.add_argument("--workers", type=int, help="loader workers per process (default 4; the demo: 0)")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile's mode (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--loader", default="torch", choices=BACKENDS,
+                        help="torch-gpu: workers only decode; crop, resize, flip and normalise run on the GPU")
+    parser.add_argument("--workers", type=int, help="loader workers per process (default: one per CPU less one, "
+                        "at most 15; the demo: 0)")
     parser.add_argument("--official-compat", action="store_true",
                         help="the official metric arithmetic and recognition matching, in training and validation")
     cli.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
-def run_options(args: argparse.Namespace, workers: int = 4, amp: str | None = None) -> RunOptions:
-    """The `RunOptions` of parsed arguments (`workers` / `amp`: defaults where the arguments leave them open)."""
-    return RunOptions(amp=amp or args.amp, compile=args.compile, backend=args.loader,
-                      workers=workers if args.workers is None else args.workers, official_compat=args.official_compat)
+def run_options(args: argparse.Namespace, workers: int | None = None, amp: str | None = None) -> RunOptions:
+    """The `RunOptions` of parsed arguments (`workers` / `amp`: defaults where the arguments leave them open;
+    workers: `default_workers()` unless given)."""
+    workers = args.workers if args.workers is not None else workers if workers is not None else default_workers()
+    return RunOptions(amp=amp or args.amp, compile=args.compile, compile_mode=args.compile_mode, backend=args.loader,
+                      workers=workers, official_compat=args.official_compat)
 
 
 def run_flags(args: argparse.Namespace) -> dict:

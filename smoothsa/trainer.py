@@ -26,13 +26,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from smoothsa import runs, schedules, visualize
-from smoothsa.build import build_model
+from smoothsa.build import build_model, compile_model
 from smoothsa.checkpoint import load_official, official_state_dict
 from smoothsa.cli import UserError
+from smoothsa.dataio import default_workers
 from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset, preset_to_dict
 from smoothsa.pretrained import RANDOM_BANNER, BackboneWeightsError, resolve_backbone_weights
+from smoothsa.recognition import ObjDiscovRecogn
 from smoothsa.slot_attention import SlotAttention
 from smoothsa.state import atomic_save, atomic_write_text, load_training_state, rng_state, save_checkpoint, set_rng_state
 from smoothsa.tasks import task_for
@@ -44,9 +46,11 @@ class RunOptions:
 
     amp: "fp16" (with a GradScaler), "bf16" or "none"; "auto" = fp16 on CUDA, none on CPU.
     compile: torch.compile the model; None = on for CUDA, off for CPU.
-    compile_mode: torch.compile's mode; "reduce-overhead" records CUDA graphs (each step then starts a new one).
-    backend: data loader, "torch" or "dali".
-    workers: loader workers (DALI: threads) per process.
+    compile_mode: torch.compile's mode: "default", "reduce-overhead" (CUDA graphs; each step then starts a new
+        one) or "max-autotune".
+    compile_backend: torch.compile's backend (tests: "eager", "aot_eager" or a counting backend).
+    backend: data loader, one of `smoothsa.dataio.BACKENDS` ("torch", "torch-gpu", "dali").
+    workers: loader workers (DALI: threads) per process; default `smoothsa.dataio.default_workers()`.
     max_bad_steps: consecutive non-finite losses tolerated before stopping (checked when the loop logs).
     log_every: steps between logged lines (each costs a host sync).
     official_compat: the official metric arithmetic and recognition matching, in training and validation
@@ -56,8 +60,9 @@ class RunOptions:
     amp: str = "auto"
     compile: bool | None = None
     compile_mode: str = "default"
+    compile_backend: str | Callable = "inductor"
     backend: str = "torch"
-    workers: int = 4
+    workers: int = dataclasses.field(default_factory=default_workers)
     max_bad_steps: int = 20
     log_every: int = 20
     official_compat: bool = False
@@ -208,14 +213,8 @@ class Trainer:
         self.worst_bad_run = torch.zeros((), dtype=torch.int64, device=device)
         self.initial_weights: dict[str, str] = {}
 
-        net = self.model
-        if self.dist.world_size > 1:
-            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        mode = options.compile_mode
-        self.net = torch.compile(net, mode=mode) if self.use_compile else net
-        # Validation runs the model without the DDP wrapper: processes may score different numbers of batches.
-        self.eval_net = torch.compile(self.model, mode=mode) if self.use_compile else self.model
-        self.cudagraphs = self.use_compile and mode == "reduce-overhead"
+        self.net, self.eval_net = self._wrap(self.model)
+        self.cudagraphs = self.use_compile and options.compile_mode == "reduce-overhead"
 
         self.out: Path | None = None
         self.after_step: list[Callable[["Trainer"], None]] = []
@@ -225,6 +224,30 @@ class Trainer:
         self.state_saved_at: int | None = None  # the step of the last `save_state`
         self.results: dict = {}
         self.clock = time.perf_counter
+
+    def _wrap(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(training net, validation net): `model` compiled, and wrapped in DDP for training when there are
+        several processes. Validation runs the model without the DDP wrapper: processes may score different
+        numbers of batches.
+
+        One process, or a recognition model: compiled in place (`compile_model`: the state_dict keeps its keys;
+        a recognition model compiles its frozen discovery model only, as the matching runs on the host), so
+        training and validation share the compiled model (train() and eval() are one graph each). A discovery
+        model under DDP is compiled around the DDP wrapper, as torch recommends: DDP's own bookkeeping runs
+        eagerly (dynamo breaks the graph in DDP's forward by design) and the model inside is one graph, which
+        dynamo splits at DDP's gradient buckets so that their all-reduce overlaps the backward.
+        """
+        compiling = {"mode": self.options.compile_mode, "backend": self.options.compile_backend}
+        around_ddp = self.dist.world_size > 1 and not isinstance(model, ObjDiscovRecogn)
+        if self.use_compile and not around_ddp:
+            compile_model(model, **compiling)
+        if self.dist.world_size == 1:
+            return model, model
+        device = self.device
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if self.use_compile and around_ddp:
+            return torch.compile(net, **compiling), torch.compile(model, **compiling)
+        return net, model
 
     # -- initial weights ------------------------------------------------------------------------------------
 
@@ -339,8 +362,9 @@ class Trainer:
 
     def config(self) -> dict:
         """What config.json records: the resolved preset, the run options and the initial weights."""
-        return preset_to_dict(self.preset) | {"options": dataclasses.asdict(self.options),
-                                               "initial_weights": dict(self.initial_weights)}
+        backend = self.options.compile_backend  # a name, or (tests) a backend function
+        options = dataclasses.asdict(self.options) | {"compile_backend": backend if isinstance(backend, str) else repr(backend)}
+        return preset_to_dict(self.preset) | {"options": options, "initial_weights": dict(self.initial_weights)}
 
     # -- validation and the loop ----------------------------------------------------------------------------
 

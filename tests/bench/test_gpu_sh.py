@@ -33,9 +33,25 @@ def test_gpu_sh_dry_run_writes_results(tmp_path):
             assert rows[(phase, f"test_bench_train_step[{preset}-eager-fp16]")]["status"] == "passed"
             compiled = rows[(phase, f"test_bench_train_step[{preset}-fused-bf16-compile]")]
             assert compiled["status"] == "skipped" and "CUDA only" in compiled["reason"]
-    assert rows[("end_to_end", "test_bench_end_to_end[torch]")]["status"] == "passed"
+    for loader in ("torch", "torch-gpu"):
+        assert rows[("end_to_end", f"test_bench_end_to_end[{loader}]")]["status"] == "passed"
+    assert "after the first batch" in markdown  # the loader stall fraction
     # The two batch sizes are separate groups; each result carries its phase and throughput.
     groups = {entry["group"] for entry in document["benchmarks"]}
     assert {"train_step smoothsa_r-coco B=2", "train_step smoothsa_r-coco B=4"} <= groups
     assert all(entry["extra_info"]["images_per_s"] > 0 for entry in document["benchmarks"])
     assert "| train_step_b4 | ok |" in markdown and "| benchmark | variant | median |" in markdown
+
+
+def test_results_index_lists_gpu_runs_newest_first_and_shows_the_newest(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    for stem, body in [("nvidia-h200-2026-11-02", "old table"), ("nvidia-h100-80gb-hbm3-2026-12-01", "new table"),
+                       ("cpu-dry-run-2026-12-02", "dry table")]:  # fmt: skip
+        (tmp_path / f"{stem}.md").write_text(f"# bench/gpu.sh, {stem}\n\n{body}\n")
+    index = gpu_report.results_index(tmp_path)
+    assert index.index("nvidia-h100-80gb-hbm3-2026-12-01.md") < index.index("nvidia-h200-2026-11-02.md")
+    assert "new table" in index and "old table" not in index and "dry" not in index

@@ -262,3 +262,22 @@ def test_cuda_batches_are_pinned(tmp_path, monkeypatch):
     assert type(out) is type(batch) and len(pinned) == 2
     assert {id(t) for t in pinned} == {id(batch.pixels), id(batch.segment)}
     assert torch.equal(out.pixels, batch.pixels) and out.pixels is not batch.pixels
+
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_made_beside_a_busy_stream_are_the_torch_loaders(tmp_path):
+    """On CUDA the device part runs on the loader's own stream: while the consumer's stream is busy, the
+    batches it receives are still the `torch` loader's (masks and boxes made with host reads included)."""
+    path = write_synthetic(tmp_path, "train", num=4, video=True, height=75, width=101, num_frames=8)
+    movi = lambda: MOVi(path, True, 64, clip_length=3, with_bbox=True)  # noqa: E731
+    torch_loader = make_loader(movi(), LoaderOptions(batch_size=2, seed=5))
+    device_loader = make_loader(movi(), LoaderOptions(batch_size=2, seed=5, backend="torch-gpu", device_id=0))
+    busy = torch.randn(4096, 4096, device="cuda")
+    batches = []
+    for batch in device_loader:
+        for _ in range(20):
+            busy = (busy @ busy).tanh_()  # queued on the consumer's stream before it reads the batch
+        batches.append({key: value.cpu() for key, value in batch.items()})  # read on the consumer's stream
+    assert assert_same_batches(torch_loader, batches, "video") == 2

@@ -19,7 +19,9 @@ from smoothsa.checkpoint import read_checkpoint
 from smoothsa.eval import evaluate_model
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.tasks import ImageDiscovery
+from smoothsa.dataio import default_workers
 from smoothsa.pretrained import RANDOM_BANNER
+from smoothsa.train import parse_args, run_options
 from smoothsa.trainer import RunOptions, Trainer, train
 
 TINY = [
@@ -403,3 +405,14 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_state(da
     assert err.strip().splitlines()[-1] == (f"error: cannot write {out / 'state.pt'} (the previous one is kept): "
                                             "No space left on device; free some space or choose another --out")
     assert torch.load(out / "state.pt", weights_only=True)["step"] == 2 and not list(out.glob("*.tmp"))
+
+
+def test_run_options_of_the_command_line(capsys):
+    options = run_options(parse_args(["--compile-mode", "reduce-overhead", "--loader", "torch-gpu"]))
+    assert (options.compile_mode, options.backend, options.workers) == ("reduce-overhead", "torch-gpu", default_workers())
+    assert run_options(parse_args(["--workers", "3"]), workers=0).workers == 3
+    assert run_options(parse_args([]), workers=0).workers == 0  # the demo's default
+    assert RunOptions().workers == default_workers()
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--loader", "pillow"])
+    assert stop.value.code == 2 and "torch-gpu" in capsys.readouterr().err
