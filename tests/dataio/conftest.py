@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from smoothsa.dataio.records import encode_jpeg, encode_png
 
@@ -20,3 +21,23 @@ def coco_record():
         isthing=np.array([False, True, False, True, True]),
     )
     return record, segment
+
+
+@pytest.fixture(scope="session")
+def same_batches():
+    """Compares two loaders batch by batch and returns how many batches they gave: the same keys, shapes and
+    dtypes, every tensor but the pixels equal, the pixels checked by `assert_pixels_close(a, b)`."""
+
+    def compare(loader_a, loader_b, pixel_key: str, assert_pixels_close) -> int:
+        count = 0
+        for a, b in zip(loader_a, loader_b, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+                if key != pixel_key:
+                    assert torch.equal(a[key], b[key]), key
+            assert_pixels_close(a[pixel_key], b[pixel_key])
+            count += 1
+        return count
+
+    return compare
