@@ -18,7 +18,6 @@ from scipy.optimize import linear_sum_assignment
 
 from smoothsa.backbone import DINOv2ViT
 from smoothsa.checkpoint import PREFIX, BadCheckpoint, official_state_dict, read_checkpoint
-from smoothsa.losses import reconstruction_loss
 from smoothsa.metrics import _iou_matrix
 from smoothsa.models import SPOT, SlotOutput
 
