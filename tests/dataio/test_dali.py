@@ -138,7 +138,7 @@ def exif_rotated_jpeg(image: np.ndarray, orientation: int = 6) -> bytes:
 
 
 def test_exif_orientation_is_not_applied(tmp_path, same_batches):
-    """Both paths decode the stored pixel grid, as the official reader; DALI used to rotate and crash."""
+    """Both paths decode the stored pixel grid, as the official reader: the EXIF orientation is not applied."""
     from smoothsa.dataio.records import write_records
 
     rng = np.random.default_rng(3)
