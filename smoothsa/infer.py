@@ -291,7 +291,8 @@ def write_outputs(out: Path, item: Input, pixels: np.ndarray, masks: torch.Tenso
         np.save(out / f"{item.name}.masks.npy", masks_np)
         files = [f"{item.name}.gif", f"{item.name}.masks.npy", f"{item.name}.slots.npy"]
     areas = np.bincount(masks_np.reshape(-1), minlength=num_slots) / masks_np.size
-    entry = {"input": str(item.path), "kind": item.kind, "height": int(masks_np.shape[-2]), "width": int(masks_np.shape[-1])}
+    height, width = masks_np.shape[-2:]
+    entry = {"input": str(item.path), "kind": item.kind, "height": int(height), "width": int(width)}
     if item.kind == "video":
         entry["frames"] = int(masks_np.shape[0])
     return entry | {"outputs": files, "slot_areas": [round(float(a), 6) for a in areas]}
