@@ -11,9 +11,9 @@
 Modules: `records` (LMDB access, safe unpickling, strict PNG decoding, atomic writer), `datasets` (readers),
 `registry` (`DATASETS`, `open_dataset`), `transforms` (crop / resize / flip / normalise, collate), `epochs` (loader
 options, epoch order, worker seeding, resume), `loader` (torch, torch-gpu and DALI loaders), `device_loader` (the
-torch-gpu loader's worker and device halves) and `device_transforms` (its batched crop / resize / flip / normalise), `workers` (default
-worker count), `dali` (optional DALI pipeline), `synthetic` (synthetic scenes in the official layout),
-`convert` (original layouts -> LMDB), `folder` (your own unlabelled images and videos).
+torch-gpu loader's worker and device halves), `device_transforms` (its batched crop / resize / flip /
+normalise), `workers` (default worker count), `dali` (optional DALI pipeline), `synthetic` (synthetic scenes in the
+official layout), `convert` (original layouts -> LMDB), `folder` (your own unlabelled images and videos).
 """
 
 from .datasets import COCO, MOVi, VOC, YTVIS, ClevrTex, Encoded, LmdbDataset

@@ -335,27 +335,27 @@ class COCO(_ImageDataset):
             if name not in encoded.fields:
                 raise RecordError(f"{where}: this reader needs the field {name!r}, which the record lacks")
         clazz = torch.from_numpy(np.asarray(encoded.fields.get("clazz", np.zeros(0, np.uint8))))
-        ids = present_ids(segment, drop=(0,))
+        # The few ids are read on the host once (one sync on a device); the stored fields stay on the CPU there.
+        ids = present_ids(segment, drop=(0,)).cpu()
         for name in ("clazz", "isthing"):
             count = len(encoded.fields.get(name, ()))
             if name in encoded.fields and len(ids) and ids.max() > count:
                 raise RecordError(f"{where}: segment index {int(ids.max())} but {name!r} lists {count} segments")
         if self.mode == "panoptic":
             objects = ids
-            masks = masks_of(segment, ids)
+            masks = masks_of(segment, ids.to(segment.device))
             object_masks = masks
         else:
-            isthing = torch.from_numpy(np.asarray(encoded.fields["isthing"], dtype=bool))
-            thing = isthing[ids.cpu() - 1].to(ids.device)  # stored fields stay on the CPU (DALI: masks on GPU)
+            thing = torch.from_numpy(np.asarray(encoded.fields["isthing"], dtype=bool))[ids - 1]
             objects = ids[thing]
-            background = torch.isin(segment, ids[~thing].to(segment.dtype))  # (R, R)
-            object_masks = masks_of(segment, objects)
+            background = torch.isin(segment, ids[~thing].to(segment.device, segment.dtype))  # (R, R)
+            object_masks = masks_of(segment, objects.to(segment.device))
             masks = torch.cat([background[..., None], object_masks], dim=-1)
         out = {"image": pixels, "segment": masks}
         if self.with_bbox:
             out["bbox"] = boxes_from_masks(object_masks)
         if self.with_clazz:
-            out["clazz"] = clazz[objects.cpu() - 1].to(torch.uint8)
+            out["clazz"] = clazz[objects - 1].to(torch.uint8)
         return out
 
     def __getitem__(self, index: int) -> dict:

@@ -196,8 +196,8 @@ def convert_folder(src: Path, dst: Path, val_fraction: float = 0.05, video: bool
     for split, paths in (("train", train), ("val", val)):
         path = dst / f"{split}.lmdb"
         with LmdbWriter(path) as writer:
-            bar = tqdm(_records(paths, make, skipped), total=len(paths), desc=f"folder {split}", unit="video" if video else "image")
-            for record in bar:
+            unit = "video" if video else "image"
+            for record in tqdm(_records(paths, make, skipped), total=len(paths), desc=f"folder {split}", unit=unit):
                 writer.append(record)
             if not writer.keys:
                 raise ValueError(f"none of the {len(paths)} {split} inputs under {src} could be read")

@@ -12,7 +12,7 @@ import torch.nn as nn
 from smoothsa.cli import UserError
 
 PREFIX = "m."
-_BACKBONE = re.compile(r"(^|\.)encode_backbone\.")
+BACKBONE_KEY = re.compile(r"(^|\.)encode_backbone\.")  # matches the keys of the DINOv2 backbone
 
 
 class BadCheckpoint(UserError):
@@ -77,8 +77,8 @@ def load_official(model: nn.Module, state_dict_or_path, strict: bool = True) -> 
             raise CheckpointMismatch(f"load_official: checkpoint mixes `m.` keys with others, e.g. {outside[:5]}")
         state_dict = {k[len(PREFIX) :]: v for k, v in state_dict.items()}
     expected = model.state_dict()
-    if not any(_BACKBONE.search(k) for k in expected):
-        state_dict = {k: v for k, v in state_dict.items() if not _BACKBONE.search(k)}
+    if not any(BACKBONE_KEY.search(k) for k in expected):
+        state_dict = {k: v for k, v in state_dict.items() if not BACKBONE_KEY.search(k)}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [

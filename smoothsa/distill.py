@@ -9,7 +9,6 @@ Shapes: B batch, S slots (S' the teacher's), N = h·w tokens, Ds slot channels.
 """
 import dataclasses
 import os
-import re
 
 import torch
 import torch.nn as nn
@@ -17,8 +16,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from smoothsa.backbone import DINOv2ViT
-from smoothsa.checkpoint import PREFIX, BadCheckpoint, official_state_dict, read_checkpoint
-from smoothsa.losses import reconstruction_loss
+from smoothsa.checkpoint import BACKBONE_KEY, PREFIX, BadCheckpoint, official_state_dict, read_checkpoint
 from smoothsa.metrics import _iou_matrix
 from smoothsa.models import SPOT, SlotOutput
 
@@ -132,7 +130,6 @@ SPOT_TO_DISTILL = (
     ("m.student.aggregat.", "m.aggregat."),
     ("m.student.decode.", "m.decode."),
 )
-_BACKBONE = re.compile(r"(^|\.)encode_backbone\.")
 
 
 def init_distill_from_spot(model: SPOTDistill, state_dict_or_path) -> SPOTDistill:
@@ -153,8 +150,8 @@ def init_distill_from_spot(model: SPOTDistill, state_dict_or_path) -> SPOTDistil
     if not any(k.startswith(PREFIX) for k in source):
         source = {PREFIX + k: v for k, v in source.items()}
     target = official_state_dict(model)
-    if not any(_BACKBONE.search(k) for k in target):
-        source = {k: v for k, v in source.items() if not _BACKBONE.search(k)}
+    if not any(BACKBONE_KEY.search(k) for k in target):
+        source = {k: v for k, v in source.items() if not BACKBONE_KEY.search(k)}
     paired = {}
     for target_prefix, source_prefix in SPOT_TO_DISTILL:
         target_keys = [k for k in target if k.startswith(target_prefix)]

@@ -25,7 +25,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from tqdm import tqdm
 
 from smoothsa import visualize
 from smoothsa.build import build_model
-from smoothsa.checkpoint import load_official, read_checkpoint
+from smoothsa.checkpoint import BACKBONE_KEY, load_official, read_checkpoint
 from smoothsa.dataio.folder import (
     UnreadableInput,
     find_images,
@@ -56,8 +55,6 @@ from smoothsa.dataio.transforms import center_crop_window, derive_seed, preproce
 from smoothsa.models import SmoothSAVideo
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.pretrained import BackboneWeightsError, resolve_backbone_weights
-
-_BACKBONE_KEY = re.compile(r"(^|\.)encode_backbone\.")
 
 
 @dataclass
@@ -246,12 +243,12 @@ def load_model(preset, ckpt: str, backbone_weights: str | None, device: str) -> 
         raise
     except Exception as error:  # a truncated zip, an unpickling error: not a checkpoint
         raise ValueError(f"{ckpt}: not a readable checkpoint ({type(error).__name__}: {error})") from None
-    has_backbone = any(_BACKBONE_KEY.search(k) for k in state)
+    has_backbone = any(BACKBONE_KEY.search(k) for k in state)
     banner = f"backbone weights: from the checkpoint {Path(ckpt).name}"
     if preset.model.backbone == "dinov2" and not has_backbone:
         banner = resolve_backbone_weights(model, preset, backbone_weights or "auto")
         prefix = "m." if any(k.startswith("m.") for k in state) else ""
-        kept = {prefix + k: v for k, v in model.state_dict().items() if _BACKBONE_KEY.search(k)}
+        kept = {prefix + k: v for k, v in model.state_dict().items() if BACKBONE_KEY.search(k)}
         state = {**kept, **state}
         backbone_weights = None
     load_official(model, state)
@@ -294,7 +291,8 @@ def write_outputs(out: Path, item: Input, pixels: np.ndarray, masks: torch.Tenso
         np.save(out / f"{item.name}.masks.npy", masks_np)
         files = [f"{item.name}.gif", f"{item.name}.masks.npy", f"{item.name}.slots.npy"]
     areas = np.bincount(masks_np.reshape(-1), minlength=num_slots) / masks_np.size
-    entry = {"input": str(item.path), "kind": item.kind, "height": int(masks_np.shape[-2]), "width": int(masks_np.shape[-1])}
+    height, width = masks_np.shape[-2:]
+    entry = {"input": str(item.path), "kind": item.kind, "height": int(height), "width": int(width)}
     if item.kind == "video":
         entry["frames"] = int(masks_np.shape[0])
     return entry | {"outputs": files, "slot_areas": [round(float(a), 6) for a in areas]}

@@ -92,7 +92,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         count = math.prod(entry["shape"])
         if flat.numel() != count:
-            raise BackboneWeightsError(f"{path}: tensor {name!r} holds {flat.numel()} values, its shape {entry['shape']} needs {count}")
+            raise BackboneWeightsError(
+                f"{path}: tensor {name!r} holds {flat.numel()} values, its shape {entry['shape']} needs {count}"
+            )
         tensors[name] = flat.reshape(entry["shape"])
     return tensors
 
@@ -171,7 +173,9 @@ def find_dinov2(model: nn.Module) -> DINOv2ViT:
     bare backbone)."""
     found = [m for m in model.modules() if isinstance(m, DINOv2ViT)]
     if len(found) != 1:
-        what = "no DINOv2 backbone (built with backbone='patch' or backbone=False?)" if not found else f"{len(found)} DINOv2 backbones"
+        what = f"{len(found)} DINOv2 backbones"
+        if not found:
+            what = "no DINOv2 backbone (built with backbone='patch' or backbone=False?)"
         raise BackboneWeightsError(f"{type(model).__name__} has {what}; load_dinov2 needs exactly one")
     return found[0]
 

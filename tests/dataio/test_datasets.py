@@ -97,24 +97,8 @@ def test_voc_drops_boundary(tmp_path):
     assert not out["segment"][expected == 0].any()
 
 
-def coco_sample():
-    """256x256 (no resize in validation): 1 stuff, 2 thing, 3 stuff, 4 thing, 5 thing (absent), 0 unannotated."""
-    segment = np.zeros((256, 256), np.uint8)
-    segment[:100] = 1
-    segment[100:, :128] = 3
-    segment[10:20, 30:60] = 2
-    segment[200:251, 140:150] = 4
-    record = dict(
-        image=encode_jpeg(np.full((256, 256, 3), 128, np.uint8)),
-        segment=encode_png(segment),
-        clazz=np.array([184, 1, 190, 3, 5], np.uint8),
-        isthing=np.array([False, True, False, True, True]),
-    )
-    return record, segment
-
-
-def test_coco_panoptic(tmp_path):
-    record, segment = coco_sample()
+def test_coco_panoptic(tmp_path, coco_record):
+    record, segment = coco_record
     dataset = COCO(write_official(tmp_path / "val.lmdb", [record]), mode="panoptic", with_bbox=True, with_clazz=True)
     out = dataset[0]
     assert set(out) == {"image", "segment", "bbox", "clazz"}
@@ -126,8 +110,8 @@ def test_coco_panoptic(tmp_path):
     assert out["bbox"].shape == (4, 4) and out["bbox"].dtype == torch.float32
 
 
-def test_coco_instance_mode_with_boxes(tmp_path):
-    record, segment = coco_sample()
+def test_coco_instance_mode_with_boxes(tmp_path, coco_record):
+    record, segment = coco_record
     dataset = COCO(write_official(tmp_path / "val.lmdb", [record]), mode="instance", with_bbox=True, with_clazz=True)
     out = dataset[0]
     assert out["segment"].shape == (256, 256, 3)
@@ -154,8 +138,8 @@ def test_coco_instance_mode_without_stuff_keeps_empty_background(tmp_path):
     assert not out["segment"][..., 0].any() and out["segment"][..., 1].sum() == 16 * 16
 
 
-def test_coco_training_drops_cropped_things(tmp_path):
-    record, _ = coco_sample()
+def test_coco_training_drops_cropped_things(tmp_path, coco_record):
+    record, _ = coco_record
     dataset = COCO(write_official(tmp_path / "train.lmdb", [record]), True, mode="instance", with_bbox=True, with_clazz=True)
     seen = set()
     for seed in range(30):
@@ -273,8 +257,8 @@ def test_ytvis_training_repeats_long_videos(tmp_path):
     assert len(YTVIS(path, is_training=False, repeat_every=30)) == 3  # validation lists each video once
 
 
-def test_broken_image_is_an_error_not_black(tmp_path):
-    record, _ = coco_sample()
+def test_broken_image_is_an_error_not_black(tmp_path, coco_record):
+    record, _ = coco_record
     broken = dict(record, image=record["image"][: len(record["image"]) // 3])
     dataset = COCO(write_official(tmp_path / "val.lmdb", [record, broken]))
     dataset[0]
@@ -295,8 +279,8 @@ def test_broken_segment_and_missing_field(tmp_path):
         dataset[1]
 
 
-def test_unsafe_record_through_reader(tmp_path):
-    record, _ = coco_sample()
+def test_unsafe_record_through_reader(tmp_path, coco_record):
+    record, _ = coco_record
     path = write_official(tmp_path / "val.lmdb", [dict(record, clazz=print)])
     with pytest.raises(RecordError, match=r"coco/val key 000000: refusing to unpickle 'builtins.print'"):
         COCO(path)[0]
@@ -394,8 +378,8 @@ def test_loaders_pass_the_epoch_seed_and_leave_the_reader_alone(tmp_path):
         assert torch.equal(batch["image"][position], dataset.load(index, augment_seed(4, 2))["image"])
 
 
-def test_loader_keys_select_what_batches_carry(tmp_path):
-    record, _ = coco_sample()
+def test_loader_keys_select_what_batches_carry(tmp_path, coco_record):
+    record, _ = coco_record
     path = write_official(tmp_path / "val.lmdb", [record] * 2)
     dataset = COCO(path, with_bbox=True, with_clazz=True)
     assert dataset.keys == ("image", "segment", "bbox", "clazz")
@@ -424,10 +408,10 @@ def test_loader_options_are_checked():
     assert LoaderOptions(keys=["image"]).keys == ("image",)
 
 
-def test_open_dataset_registry(tmp_path):
+def test_open_dataset_registry(tmp_path, coco_record):
     from smoothsa.dataio.registry import DATASETS, open_dataset
 
-    record, _ = coco_sample()
+    record, _ = coco_record
     path = write_official(tmp_path / "train.lmdb", [record])
     coco = open_dataset("coco", path, True, with_bbox=True)
     assert isinstance(coco, COCO) and coco.mode == "instance" and coco.is_training and coco.keys[-1] == "bbox"

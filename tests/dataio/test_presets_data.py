@@ -6,13 +6,11 @@ import pickle
 from pathlib import Path
 
 import lmdb
-import numpy as np
 import pytest
 import torch
 
 from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.dataio import DATASETS, write_synthetic
-from smoothsa.dataio.records import encode_jpeg, encode_png
 from smoothsa.presets import PRESETS, get_preset
 
 DATAIO = Path(__file__).resolve().parents[2] / "dataio"
@@ -29,19 +27,9 @@ def write_official(path, samples):
 
 
 @pytest.fixture(scope="module")
-def coco(tmp_path_factory):
-    """One hand-made 256x256 panoptic record: stuff 1 (sky), thing 2, stuff 3 (grass), thing 4, 0 unannotated."""
-    segment = np.zeros((256, 256), np.uint8)
-    segment[:100] = 1
-    segment[100:, :128] = 3
-    segment[10:20, 30:60] = 2
-    segment[200:251, 140:150] = 4
-    record = dict(
-        image=encode_jpeg(np.full((256, 256, 3), 128, np.uint8)),
-        segment=encode_png(segment),
-        clazz=np.array([187, 1, 193, 3], np.uint8),
-        isthing=np.array([False, True, False, True]),
-    )
+def coco(tmp_path_factory, coco_record):
+    """The shared COCO record as the validation split, beside an empty training split."""
+    record, segment = coco_record
     root = tmp_path_factory.mktemp("coco")
     write_official(root / "val.lmdb", [record])
     write_official(root / "train.lmdb", [])
