@@ -28,7 +28,7 @@ from tqdm import tqdm
 from smoothsa import runs, schedules, visualize
 from smoothsa.build import build_model, compile_model
 from smoothsa.checkpoint import load_official, official_state_dict
-from smoothsa.cli import UserError
+from smoothsa.cli import UserError, resolve_device
 from smoothsa.dataio import default_workers
 from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
 from smoothsa.metrics import segments_from_attention
@@ -75,16 +75,8 @@ class Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = resolve_device(None if device is None else str(device), self.local_rank)
         if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
-            if device.index is None:
-                device = torch.device("cuda", self.local_rank)
-            if device.index >= torch.cuda.device_count():
-                raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
             torch.cuda.set_device(device)
         self.device = device
         if self.world_size > 1 and not dist.is_initialized():
