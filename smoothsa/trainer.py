@@ -366,6 +366,20 @@ class Trainer:
         return evaluate(self.eval_net, self.task, loader, self.device, self.preset.optim.seed,
                         self.options.official_compat, self.amp, with_losses=True, keep_first=keep_first)
 
+    def _fused_kernels(self) -> str:
+        """Whether slot attention runs its fused kernels here (the banner's words): "on", "off" (turned off), or
+        "off (why they cannot run: e.g. CPU tensors without TRITON_INTERPRET=1)"."""
+        if not any(m.fused for m in self.model.modules() if isinstance(m, SlotAttention)):
+            return "off"
+        from smoothsa.kernels import fused_step_supported
+
+        config = self.preset.model
+        tokens = torch.empty(1, config.grid**2, config.feature_dim, device=self.device)  # (B, N, Dv)
+        query = torch.empty(1, config.num_slots or 1, config.slot_dim, device=self.device)  # (B, S, Ds)
+        with autocast(self.device, self.amp):
+            reason = fused_step_supported(tokens, query)
+        return "on" if reason is None else f"off ({reason})"
+
     def _picture(self, first) -> np.ndarray:
         batch, out = first
         pixels = batch[self.task.pixels]
@@ -391,10 +405,9 @@ class Trainer:
         val_interval = max(1, total // optim.validations)
         logger = Logger(self.out, main, self.step_count)
         if main:
-            fused = any(m.fused for m in self.model.modules() if isinstance(m, SlotAttention))
             print(f"{self.preset.name}: {total} steps, batch {optim.batch_size} per process × {self.dist.world_size} = "
                   f"{optim.batch_size * self.dist.world_size} global, device {self.device}, amp {self.amp}, "
-                  f"compile {self.use_compile}, fused kernels {fused}", flush=True)
+                  f"compile {self.use_compile}, fused kernels {self._fused_kernels()}", flush=True)
         train_loader.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
         progress = tqdm(total=total, initial=self.step_count, disable=not main, dynamic_ncols=True, desc=self.preset.name)
         trained, started, images = 0.0, self.clock(), 0  # training time only: validations are left out
