@@ -257,6 +257,11 @@ def _truncate_log(path: Path, step: int, say) -> None:
         say(f"dropped {len(body) - len(kept)} rows of {path} logged after step {step}, the step it resumes from")
 
 
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint written at `step` (`CHECKPOINT` reads the step back)."""
+    return f"ckpt-{step:07d}.pth"
+
+
 class CheckpointKeeper:
     """`ckpt-<step>.pth` names, and `--keep-last N`: after each new checkpoint, `prune()` deletes all but the
     newest N (None: keep every one, as the official code does). `last.pth` is never deleted."""
@@ -268,7 +273,7 @@ class CheckpointKeeper:
         self.keep_last = keep_last
 
     def path(self, step: int) -> Path:
-        return self.out / f"ckpt-{step:07d}.pth"
+        return self.out / checkpoint_name(step)
 
     def checkpoints(self) -> list[Path]:
         """The checkpoints in the folder, oldest first."""

@@ -469,7 +469,7 @@ class Trainer:
         if self.dist.main:
             progress.write(f"step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in self.results.items()))
         if step >= self.preset.optim.total_steps / 2:
-            self.save_checkpoint(f"ckpt-{step:07d}.pth")
+            self.save_checkpoint(runs.checkpoint_name(step))
         self.save_state()
 
 
