@@ -32,7 +32,7 @@ from smoothsa.cli import UserError, resolve_device
 from smoothsa.dataio import default_workers
 from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
 from smoothsa.metrics import segments_from_attention
-from smoothsa.presets import Preset, preset_to_dict
+from smoothsa.presets import Preset
 from smoothsa.pretrained import RANDOM_BANNER, BackboneWeightsError, resolve_backbone_weights
 from smoothsa.recognition import ObjDiscovRecogn
 from smoothsa.slot_attention import SlotAttention
@@ -356,7 +356,7 @@ class Trainer:
         """What config.json records: the resolved preset, the run options and the initial weights."""
         backend = self.options.compile_backend  # a name, or (tests) a backend function
         options = dataclasses.asdict(self.options) | {"compile_backend": backend if isinstance(backend, str) else repr(backend)}
-        return preset_to_dict(self.preset) | {"options": options, "initial_weights": dict(self.initial_weights)}
+        return runs.run_config(self.preset, options) | {"initial_weights": dict(self.initial_weights)}
 
     # -- validation and the loop ----------------------------------------------------------------------------
 
