@@ -101,10 +101,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def detach_flags(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The `detach_flag` buffers of the preheated initializers in `model`."""
+    return [m.detach_flag for m in model.modules() if torch.is_tensor(getattr(m, "detach_flag", None))]
+
+
 def set_detach_flag(model: torch.nn.Module, value: bool) -> None:
-    for module in model.modules():
-        if hasattr(module, "detach_flag") and torch.is_tensor(module.detach_flag):
-            module.detach_flag.fill_(value)
+    for flag in detach_flags(model):
+        flag.fill_(value)
 
 
 def gradient_norm(parameters: list[torch.Tensor], optim) -> torch.Tensor:
@@ -197,7 +201,8 @@ class Trainer:
         # Fused: its step takes `found_inf`, so a non-finite step is skipped on the device.
         self.optimizer = torch.optim.Adam(self.parameters, lr=optim.lr, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
-        self.scheduled_detach = "preheat" in optim.loss_weights
+        # Found once: the step sets them without walking the model's modules.
+        self.detach_flags = detach_flags(self.model) if "preheat" in optim.loss_weights else []
 
         self.step_count = self.epoch = self.batch_in_epoch = 0
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)  # non-finite losses, all told
@@ -270,8 +275,10 @@ class Trainer:
         lr = schedules.linear_warmup_cosine(self.step_count, optim.total_steps, optim.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.scheduled_detach:
-            set_detach_flag(self.model, schedules.detach_flag(self.step_count, optim.total_steps, optim.preheat_detach))
+        if self.detach_flags:
+            detach = schedules.detach_flag(self.step_count, optim.total_steps, optim.preheat_detach)
+            for flag in self.detach_flags:
+                flag.fill_(detach)
         batch = to_device({k: batch[k] for k in self.task.train_keys}, self.device)
         with autocast(self.device, self.amp):
             out = self.task.forward(self.net, batch)
@@ -422,7 +429,7 @@ class Trainer:
                     step = self.step_count
                     if step % self.options.log_every == 0 or step == total:
                         # Sync point: reading the losses, once every log_every steps.
-                        values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+                        values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
                         skipped = self.check_bad_steps()
                         now = self.clock()
                         rate = images / max(trained + now - started, 1e-9)
