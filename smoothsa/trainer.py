@@ -32,7 +32,7 @@ from smoothsa.cli import UserError, resolve_device
 from smoothsa.dataio import default_workers
 from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
 from smoothsa.metrics import segments_from_attention
-from smoothsa.presets import Preset
+from smoothsa.presets import Preset, validate
 from smoothsa.pretrained import RANDOM_BANNER, BackboneWeightsError, resolve_backbone_weights
 from smoothsa.recognition import ObjDiscovRecogn
 from smoothsa.slot_attention import SlotAttention
@@ -189,8 +189,7 @@ class Trainer:
         self.amp = options.amp if options.amp != "auto" else ("fp16" if device.type == "cuda" else "none")
         if self.amp not in ("fp16", "bf16", "none"):
             raise ValueError(f"amp must be fp16, bf16, none or auto, got {options.amp!r}")
-        if not 0.0 <= optim.preheat_detach <= 1.0:
-            raise ValueError(f"optim.preheat_detach must lie in [0, 1], got {optim.preheat_detach}")
+        validate(preset)  # a preset built in code has not met `apply_overrides`' checks
         self.use_compile = options.compile if options.compile is not None else device.type == "cuda"
         seed_everything(optim.seed + self.dist.rank)
 
