@@ -127,7 +127,7 @@ class Logger:
     def __init__(self, out: Path | None, enabled: bool, step: int = 0):
         """step: where the run starts; a resumed run's TensorBoard drops the events logged after it."""
         self.enabled = enabled and out is not None
-        self.path = out / "log.csv" if out is not None else None
+        self.path = out / runs.LOG if out is not None else None
         self.writer = None
         if self.enabled:
             try:
@@ -345,7 +345,7 @@ class Trainer:
         """Writes `out/state.pt` atomically (rank 0); other ranks write nothing. Call it between steps."""
         if self.out is None or not self.dist.main:
             return None
-        path = atomic_save(self.state_dict(), self.out / "state.pt")
+        path = atomic_save(self.state_dict(), self.out / runs.STATE)
         self.state_saved_at = self.step_count
         return path
 
@@ -457,10 +457,10 @@ class Trainer:
         else:
             skipped = self.check_bad_steps()
             self.finished = True
-            self.save_checkpoint("last.pth")
+            self.save_checkpoint(runs.LAST)
             if main and self.out is not None:
                 summary = {"step": self.step_count, "skipped_steps": skipped, "val": self.results}
-                atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=2))
+                atomic_write_text(self.out / runs.METRICS, json.dumps(summary, indent=2))
         self.dist.barrier()
         return self.results
 
