@@ -30,8 +30,7 @@ from smoothsa.build import build_model, compile_model
 from smoothsa.checkpoint import load_official, official_state_dict
 from smoothsa.cli import UserError, resolve_device
 from smoothsa.dataio import default_workers
-from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
-from smoothsa.metrics import segments_from_attention
+from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, picture_segments, to_device
 from smoothsa.presets import Preset, validate
 from smoothsa.pretrained import RANDOM_BANNER, BackboneWeightsError, resolve_backbone_weights
 from smoothsa.recognition import ObjDiscovRecogn
@@ -387,10 +386,7 @@ class Trainer:
         return "on" if reason is None else f"off ({reason})"
 
     def _picture(self, first) -> np.ndarray:
-        batch, out = first
-        pixels = batch[self.task.pixels]
-        segment = batch.get("segment")  # None: data without ground truth (a blank column)
-        pred = segments_from_attention(self.task.attention(out).float(), tuple(pixels.shape[-2:]))
+        pixels, segment, pred = picture_segments(self.task, *first)
         if pixels.dim() == 5:  # video: the frames of the first clip, one per row
             pixels, pred = pixels[0], pred[0]
             segment = None if segment is None else segment[0]
