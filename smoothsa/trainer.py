@@ -5,8 +5,9 @@ schedules and the run's position; `Trainer.step` is one optimizer step, `Trainer
     trainer.load_initial_weights(discovery="runs/coco/last.pth")   # recognition presets
     results = trainer.fit(train_loader, val_loader, out="runs/probe")
 
-`step` reads nothing on the host: a non-finite loss (or gradient) is skipped on the device, by the fused Adam's
-`found_inf` input, and counted in device tensors that are read only when the loop logs or validates.
+`step` reads no value on the host (a recognition step copies what its Hungarian matching needs: the IoU matrix,
+and with `official_compat` the mask's values). A non-finite loss (or gradient) is skipped on the device, by the
+fused Adam's `found_inf` input, and counted in device tensors that are read only when the loop logs or validates.
 """
 import csv
 import dataclasses
