@@ -340,9 +340,10 @@ class StopSignals:
             return self.requested
         flag = torch.tensor([int(self.requested)], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.signum is None:
+        requested = bool(flag.item())  # the host sync
+        if requested and self.signum is None:
             self.signum = signal.SIGTERM
-        return bool(flag.item())
+        return requested
 
     def stopped(self, step: int, state_path: str | Path) -> Stopped:
         """The exception to raise once the state of `step` is saved: `cli.entry_point` prints it and exits 128 + signal."""
