@@ -13,6 +13,7 @@ from smoothsa.presets import ModelConfig, get_preset
 from smoothsa.slot_attention import SlotAttention
 from smoothsa.transit import RSFQTransit
 
+
 def build_model(name: str | ModelConfig, backbone: bool = True, **overrides) -> nn.Module:
     """Builds the model of a preset.
 

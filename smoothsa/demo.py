@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from smoothsa import runs
 from smoothsa.checkpoint import load_official
 from smoothsa.dataio import write_synthetic
 from smoothsa.eval import save_pictures
@@ -79,7 +80,7 @@ def run_demo(out: str | Path | None = None, data: str | Path | None = None, over
     options = options or RunOptions(amp="none", compile=False, workers=0)
     device = device or "cpu"
     summary_path = out / "eval" / "metrics.json"
-    if not (resume or overwrite) and (out / "metrics.json").is_file():
+    if not (resume or overwrite) and (out / runs.METRICS).is_file():
         resume = True  # the demo run again as it was: a finished one says so (an unfinished one is refused)
     data = Path(data) if data else ensure_data(out / "data", preset.model.image_size)
     start = time.perf_counter()
@@ -92,7 +93,7 @@ def run_demo(out: str | Path | None = None, data: str | Path | None = None, over
                   "--overwrite runs it again")
             return json.loads(summary_path.read_text())
         trainer, trained = Trainer(preset, options, device), None  # stopped between training and evaluation
-        load_official(trainer.model, out / "last.pth")
+        load_official(trainer.model, out / runs.LAST)
     evaluation = trainer.validate(loader_for(preset, data, "val", preset.optim.val_batch_size, False), keep_first=True)
     # The same loop and seed as the final validation: the numbers training logged, now with the pictures.
     metrics = {k: evaluation.results[k] for k in ("ari", "ari_fg", "mbo", "miou")}

@@ -26,8 +26,7 @@ from smoothsa.build import build_model
 from smoothsa.checkpoint import load_official
 from smoothsa.cli import UserError
 from smoothsa.dataio import BACKENDS, default_workers
-from smoothsa.evaluation import evaluate, loader_for
-from smoothsa.metrics import segments_from_attention
+from smoothsa.evaluation import evaluate, loader_for, picture_segments
 from smoothsa.presets import Preset, apply_overrides, get_preset
 from smoothsa.state import atomic_write_text
 from smoothsa.tasks import Task, task_for
@@ -61,8 +60,7 @@ def evaluate_model(model: torch.nn.Module, preset: Preset, data, out: str | Path
 
 def save_pictures(out: Path, task: Task, batch: dict, output, most: int = 8) -> Path:
     """slots.png (images) or slots.gif (videos) of the first `most` samples of a batch."""
-    pixels, segment = batch[task.pixels], batch.get("segment")  # None: no ground truth (a blank column)
-    pred = segments_from_attention(task.attention(output).float(), tuple(pixels.shape[-2:]))
+    pixels, segment, pred = picture_segments(task, batch, output)
     if pixels.dim() == 5:
         return visualize.save_video_gif(out / "slots.gif", pixels, segment, pred, most=min(most, 4))
     return visualize.save_image_grid(out / "slots.png", pixels, segment, pred, most=most)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from smoothsa.data import LoaderOptions, build_loader
 from smoothsa.dataio.transforms import derive_seed
+from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset
 from smoothsa.tasks import Task
 
@@ -108,6 +109,14 @@ def say_once(message: str) -> None:
     if message not in _said:
         _said.add(message)
         print(message, flush=True)
+
+
+def picture_segments(task: Task, batch: dict, output) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """What `smoothsa.visualize` draws of a batch: pixels (B, [T,] 3, H, W), the ground-truth segments
+    (B, [T,] H, W, C) or None (data without ground truth: a blank column) and the predicted ones (B, [T,] H, W, S)."""
+    pixels = batch[task.pixels]
+    pred = segments_from_attention(task.attention(output).float(), tuple(pixels.shape[-2:]))
+    return pixels, batch.get("segment"), pred
 
 
 @dataclass

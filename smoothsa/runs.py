@@ -14,32 +14,22 @@
   signals (their `worker_init_fn`, `dataio.epochs.seed_worker`): the main process stops them. `--keep-last N` keeps the newest N
   `ckpt-*.pth` (default: all, as the official code).
 
-`smoothsa.trainer.train` is this sequence on a `Trainer` (its `after_step` and `after_checkpoint` hooks). How a
-training `main` uses it (every rank calls `prepare`; only `writer=True` changes files; the loop logs a
-step before it saves the state of that step, so that the rows a resume keeps are those of the saved state):
+`smoothsa.trainer.train` is this sequence on a `Trainer` (its `after_step` and `after_checkpoint` hooks):
 
-    @cli.entry_point                                   # user errors: one line, status 2; `Stopped`: 143/130
-    def main(argv=None):
-        args = parse_args(argv)                        # with runs.add_arguments(parser), cli.add_debug_argument
-        device = cli.resolve_device(args.device, local_rank)
-        preset = apply_overrides(get_preset(args.preset), args.overrides)
-        run = runs.prepare(args.out, preset, options, overrides=args.overrides, resume=args.resume,
-                           overwrite=args.overwrite, writer=rank == 0)
-        if run.finished:
-            return
-        trainer = Trainer(run.preset, options, device)
-        if run.resumed:
-            trainer.load_state_dict(load_training_state(run.state_path))
-        timer, keep = runs.SaveTimer(args.save_every_min), runs.CheckpointKeeper(run.out, args.keep_last)
-        with runs.StopSignals() as signals:
-            for each step:  trainer.step(batch); log the step
-                validate if due: save_checkpoint(model, keep.path(step)); keep.prune()
-                if validated or timer.due() or signals.requested:  save the state; timer.saved()
-                if signals.requested:  raise signals.stopped(step, run.state_path)
+    run = runs.prepare(out, preset, options, overrides=..., resume=..., overwrite=..., writer=False)  # every rank
+    if run.finished: return                        # a finished run asked to resume: nothing to do
+    timer, keep = runs.SaveTimer(save_every_min), runs.CheckpointKeeper(out, keep_last)
+    trainer = Trainer(run.preset, options, device); a resume loads `run.state_path`, a new run its weights
+    if rank == 0: runs.prepare(..., writer=True, record=...)   # the folder changes only after every check
+    with runs.StopSignals() as signals:
+        trainer.fit(...)    # the state saved on a signal or when `timer.due()`; keep.prune() per checkpoint
+        if trainer.stop_reason: raise signals.stopped(trainer.step_count, run.state_path)
 
-Under torchrun every rank must stop at the same step: test `signals.requested_on_any_rank(device)` (one
-all-reduce) instead of `signals.requested`, e.g. at logging steps. TensorBoard: `SummaryWriter(...,
-purge_step=run.step + 1)` drops its events after the resumed step as `prepare` does for log.csv.
+The loop logs a step before it saves the state of that step, so the rows of log.csv a resume keeps are those of
+the saved state. Under torchrun every rank must stop at the same step: test
+`signals.requested_on_any_rank(device)` (one all-reduce) instead of `signals.requested`, e.g. at logging
+steps. TensorBoard: `SummaryWriter(..., purge_step=run.step + 1)` drops its events after the resumed step as
+`prepare` does for log.csv.
 """
 import argparse
 import csv
@@ -257,6 +247,11 @@ def _truncate_log(path: Path, step: int, say) -> None:
         say(f"dropped {len(body) - len(kept)} rows of {path} logged after step {step}, the step it resumes from")
 
 
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint written at `step` (`CHECKPOINT` reads the step back)."""
+    return f"ckpt-{step:07d}.pth"
+
+
 class CheckpointKeeper:
     """`ckpt-<step>.pth` names, and `--keep-last N`: after each new checkpoint, `prune()` deletes all but the
     newest N (None: keep every one, as the official code does). `last.pth` is never deleted."""
@@ -268,7 +263,7 @@ class CheckpointKeeper:
         self.keep_last = keep_last
 
     def path(self, step: int) -> Path:
-        return self.out / f"ckpt-{step:07d}.pth"
+        return self.out / checkpoint_name(step)
 
     def checkpoints(self) -> list[Path]:
         """The checkpoints in the folder, oldest first."""
@@ -345,9 +340,10 @@ class StopSignals:
             return self.requested
         flag = torch.tensor([int(self.requested)], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.signum is None:
+        requested = bool(flag.item())  # the host sync
+        if requested and self.signum is None:
             self.signum = signal.SIGTERM
-        return bool(flag.item())
+        return requested
 
     def stopped(self, step: int, state_path: str | Path) -> Stopped:
         """The exception to raise once the state of `step` is saved: `cli.entry_point` prints it and exits 128 + signal."""

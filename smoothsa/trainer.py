@@ -5,8 +5,9 @@ schedules and the run's position; `Trainer.step` is one optimizer step, `Trainer
     trainer.load_initial_weights(discovery="runs/coco/last.pth")   # recognition presets
     results = trainer.fit(train_loader, val_loader, out="runs/probe")
 
-`step` reads nothing on the host: a non-finite loss (or gradient) is skipped on the device, by the fused Adam's
-`found_inf` input, and counted in device tensors that are read only when the loop logs or validates.
+`step` reads no value on the host (a recognition step copies what its Hungarian matching needs: the IoU matrix,
+and with `official_compat` the mask's values). A non-finite loss (or gradient) is skipped on the device, by the
+fused Adam's `found_inf` input, and counted in device tensors that are read only when the loop logs or validates.
 """
 import csv
 import dataclasses
@@ -28,11 +29,10 @@ from tqdm import tqdm
 from smoothsa import runs, schedules, visualize
 from smoothsa.build import build_model, compile_model
 from smoothsa.checkpoint import load_official, official_state_dict
-from smoothsa.cli import UserError
+from smoothsa.cli import UserError, resolve_device
 from smoothsa.dataio import default_workers
-from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, to_device
-from smoothsa.metrics import segments_from_attention
-from smoothsa.presets import Preset, preset_to_dict
+from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, picture_segments, to_device
+from smoothsa.presets import Preset, validate
 from smoothsa.pretrained import RANDOM_BANNER, BackboneWeightsError, resolve_backbone_weights
 from smoothsa.recognition import ObjDiscovRecogn
 from smoothsa.slot_attention import SlotAttention
@@ -75,16 +75,8 @@ class Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = resolve_device(None if device is None else str(device), self.local_rank)
         if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
-            if device.index is None:
-                device = torch.device("cuda", self.local_rank)
-            if device.index >= torch.cuda.device_count():
-                raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
             torch.cuda.set_device(device)
         self.device = device
         if self.world_size > 1 and not dist.is_initialized():
@@ -109,10 +101,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def detach_flags(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The `detach_flag` buffers of the preheated initializers in `model`."""
+    return [m.detach_flag for m in model.modules() if torch.is_tensor(getattr(m, "detach_flag", None))]
+
+
 def set_detach_flag(model: torch.nn.Module, value: bool) -> None:
-    for module in model.modules():
-        if hasattr(module, "detach_flag") and torch.is_tensor(module.detach_flag):
-            module.detach_flag.fill_(value)
+    for flag in detach_flags(model):
+        flag.fill_(value)
 
 
 def gradient_norm(parameters: list[torch.Tensor], optim) -> torch.Tensor:
@@ -131,7 +127,7 @@ class Logger:
     def __init__(self, out: Path | None, enabled: bool, step: int = 0):
         """step: where the run starts; a resumed run's TensorBoard drops the events logged after it."""
         self.enabled = enabled and out is not None
-        self.path = out / "log.csv" if out is not None else None
+        self.path = out / runs.LOG if out is not None else None
         self.writer = None
         if self.enabled:
             try:
@@ -193,8 +189,7 @@ class Trainer:
         self.amp = options.amp if options.amp != "auto" else ("fp16" if device.type == "cuda" else "none")
         if self.amp not in ("fp16", "bf16", "none"):
             raise ValueError(f"amp must be fp16, bf16, none or auto, got {options.amp!r}")
-        if not 0.0 <= optim.preheat_detach <= 1.0:
-            raise ValueError(f"optim.preheat_detach must lie in [0, 1], got {optim.preheat_detach}")
+        validate(preset)  # a preset built in code has not met `apply_overrides`' checks
         self.use_compile = options.compile if options.compile is not None else device.type == "cuda"
         seed_everything(optim.seed + self.dist.rank)
 
@@ -205,7 +200,8 @@ class Trainer:
         # Fused: its step takes `found_inf`, so a non-finite step is skipped on the device.
         self.optimizer = torch.optim.Adam(self.parameters, lr=optim.lr, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
-        self.scheduled_detach = "preheat" in optim.loss_weights
+        # Found once: the step sets them without walking the model's modules.
+        self.detach_flags = detach_flags(self.model) if "preheat" in optim.loss_weights else []
 
         self.step_count = self.epoch = self.batch_in_epoch = 0
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)  # non-finite losses, all told
@@ -278,8 +274,10 @@ class Trainer:
         lr = schedules.linear_warmup_cosine(self.step_count, optim.total_steps, optim.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.scheduled_detach:
-            set_detach_flag(self.model, schedules.detach_flag(self.step_count, optim.total_steps, optim.preheat_detach))
+        if self.detach_flags:
+            detach = schedules.detach_flag(self.step_count, optim.total_steps, optim.preheat_detach)
+            for flag in self.detach_flags:
+                flag.fill_(detach)
         batch = to_device({k: batch[k] for k in self.task.train_keys}, self.device)
         with autocast(self.device, self.amp):
             out = self.task.forward(self.net, batch)
@@ -347,7 +345,7 @@ class Trainer:
         """Writes `out/state.pt` atomically (rank 0); other ranks write nothing. Call it between steps."""
         if self.out is None or not self.dist.main:
             return None
-        path = atomic_save(self.state_dict(), self.out / "state.pt")
+        path = atomic_save(self.state_dict(), self.out / runs.STATE)
         self.state_saved_at = self.step_count
         return path
 
@@ -364,7 +362,7 @@ class Trainer:
         """What config.json records: the resolved preset, the run options and the initial weights."""
         backend = self.options.compile_backend  # a name, or (tests) a backend function
         options = dataclasses.asdict(self.options) | {"compile_backend": backend if isinstance(backend, str) else repr(backend)}
-        return preset_to_dict(self.preset) | {"options": options, "initial_weights": dict(self.initial_weights)}
+        return runs.run_config(self.preset, options) | {"initial_weights": dict(self.initial_weights)}
 
     # -- validation and the loop ----------------------------------------------------------------------------
 
@@ -374,11 +372,22 @@ class Trainer:
         return evaluate(self.eval_net, self.task, loader, self.device, self.preset.optim.seed,
                         self.options.official_compat, self.amp, with_losses=True, keep_first=keep_first)
 
+    def _fused_kernels(self) -> str:
+        """Whether slot attention runs its fused kernels here (the banner's words): "on", "off" (turned off), or
+        "off (why they cannot run: e.g. CPU tensors without TRITON_INTERPRET=1)"."""
+        if not any(m.fused for m in self.model.modules() if isinstance(m, SlotAttention)):
+            return "off"
+        from smoothsa.kernels import fused_step_supported
+
+        config = self.preset.model
+        tokens = torch.empty(1, config.grid**2, config.feature_dim, device=self.device)  # (B, N, Dv)
+        query = torch.empty(1, config.num_slots or 1, config.slot_dim, device=self.device)  # (B, S, Ds)
+        with autocast(self.device, self.amp):
+            reason = fused_step_supported(tokens, query)
+        return "on" if reason is None else f"off ({reason})"
+
     def _picture(self, first) -> np.ndarray:
-        batch, out = first
-        pixels = batch[self.task.pixels]
-        segment = batch.get("segment")  # None: data without ground truth (a blank column)
-        pred = segments_from_attention(self.task.attention(out).float(), tuple(pixels.shape[-2:]))
+        pixels, segment, pred = picture_segments(self.task, *first)
         if pixels.dim() == 5:  # video: the frames of the first clip, one per row
             pixels, pred = pixels[0], pred[0]
             segment = None if segment is None else segment[0]
@@ -399,10 +408,9 @@ class Trainer:
         val_interval = max(1, total // optim.validations)
         logger = Logger(self.out, main, self.step_count)
         if main:
-            fused = any(m.fused for m in self.model.modules() if isinstance(m, SlotAttention))
             print(f"{self.preset.name}: {total} steps, batch {optim.batch_size} per process × {self.dist.world_size} = "
                   f"{optim.batch_size * self.dist.world_size} global, device {self.device}, amp {self.amp}, "
-                  f"compile {self.use_compile}, fused kernels {fused}", flush=True)
+                  f"compile {self.use_compile}, fused kernels {self._fused_kernels()}", flush=True)
         train_loader.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
         progress = tqdm(total=total, initial=self.step_count, disable=not main, dynamic_ncols=True, desc=self.preset.name)
         trained, started, images = 0.0, self.clock(), 0  # training time only: validations are left out
@@ -417,7 +425,7 @@ class Trainer:
                     step = self.step_count
                     if step % self.options.log_every == 0 or step == total:
                         # Sync point: reading the losses, once every log_every steps.
-                        values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+                        values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
                         skipped = self.check_bad_steps()
                         now = self.clock()
                         rate = images / max(trained + now - started, 1e-9)
@@ -446,10 +454,10 @@ class Trainer:
         else:
             skipped = self.check_bad_steps()
             self.finished = True
-            self.save_checkpoint("last.pth")
+            self.save_checkpoint(runs.LAST)
             if main and self.out is not None:
                 summary = {"step": self.step_count, "skipped_steps": skipped, "val": self.results}
-                atomic_write_text(self.out / "metrics.json", json.dumps(summary, indent=2))
+                atomic_write_text(self.out / runs.METRICS, json.dumps(summary, indent=2))
         self.dist.barrier()
         return self.results
 
@@ -464,7 +472,7 @@ class Trainer:
         if self.dist.main:
             progress.write(f"step {step} val " + " ".join(f"{k} {v:.4f}" for k, v in self.results.items()))
         if step >= self.preset.optim.total_steps / 2:
-            self.save_checkpoint(f"ckpt-{step:07d}.pth")
+            self.save_checkpoint(runs.checkpoint_name(step))
         self.save_state()
 
 

@@ -267,7 +267,7 @@ def test_device_cuda_means_the_local_rank_gpu(monkeypatch):
     from smoothsa.trainer import Distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="no CUDA device is available here; use --device cpu"):
+    with pytest.raises(ValueError, match="no CUDA GPU is visible here .*use --device cpu"):
         Distributed("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -276,7 +276,7 @@ def test_device_cuda_means_the_local_rank_gpu(monkeypatch):
     assert Distributed("cuda").device == torch.device("cuda", 1)
     assert Distributed(None).device == torch.device("cuda", 1)
     assert Distributed("cuda:0").device == torch.device("cuda", 0)
-    with pytest.raises(ValueError, match="has 2 CUDA device"):
+    with pytest.raises(ValueError, match=r"2 GPU\(s\) visible"):
         Distributed("cuda:2")
 
 
