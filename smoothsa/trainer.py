@@ -306,13 +306,19 @@ class Trainer:
 
     def check_bad_steps(self) -> int:
         """Reads the skip counters (a host sync); raises once more than `max_bad_steps` came in a row."""
-        worst, total = (int(x) for x in torch.stack([self.worst_bad_run, self.bad_steps]).tolist())
+        return self.read_logged({})[1]
+
+    def read_logged(self, terms: dict[str, torch.Tensor]) -> tuple[dict[str, float], int]:
+        """The loss terms of a step and the skip count, in one host transfer (the sync of a logging step);
+        raises once more than `max_bad_steps` non-finite steps came in a row."""
+        counters = [self.worst_bad_run.double(), self.bad_steps.double()]
+        *losses, worst, total = torch.stack([v.double() for v in terms.values()] + counters).tolist()
         if worst > self.options.max_bad_steps:
             raise FloatingPointError(
-                f"{worst} consecutive steps had a non-finite loss (by step {self.step_count}); stopping. "
+                f"{int(worst)} consecutive steps had a non-finite loss (by step {self.step_count}); stopping. "
                 "Lower optim.lr or use --amp bf16/none."
             )
-        return total
+        return dict(zip(terms, losses)), int(total)
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -425,8 +431,7 @@ class Trainer:
                     step = self.step_count
                     if step % self.options.log_every == 0 or step == total:
                         # Sync point: reading the losses, once every log_every steps.
-                        values = dict(zip(terms, torch.stack([v.float() for v in terms.values()]).tolist()))
-                        skipped = self.check_bad_steps()
+                        values, skipped = self.read_logged(terms)
                         now = self.clock()
                         rate = images / max(trained + now - started, 1e-9)
                         lr = self.optimizer.param_groups[0]["lr"]

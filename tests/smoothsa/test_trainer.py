@@ -184,6 +184,19 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(monkeypatch):
     assert int(trainer.bad_in_row) == 0 and int(trainer.worst_bad_run) == 3
 
 
+def test_a_logging_step_reads_the_terms_and_the_skip_count_in_one_transfer(monkeypatch):
+    trainer = float64_trainer("smoothsa_r-coco")
+    batch = make_batch(trainer.preset)
+    terms = trainer.step(batch)
+    trainer.bad_steps += 2
+    transfers = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: transfers.append(self.shape) or real(self))
+    values, skipped = trainer.read_logged(terms)
+    assert transfers == [(len(terms) + 2,)] and skipped == 2
+    assert values == {k: float(v) for k, v in terms.items()}
+
+
 def test_recognition_step_without_a_match_is_skipped():
     trainer = float64_trainer("smoothsa_r_recogn-coco")
     batch = make_batch(trainer.preset)
