@@ -10,7 +10,7 @@ setup(
     packages=["smoothsa", "smoothsa.kernels", "smoothsa.dataio"],
     package_dir={"smoothsa": "smoothsa", "smoothsa.kernels": "kernels", "smoothsa.dataio": "dataio"},
     # torch is pinned loosely to what the CPU build offers; nothing here may pull a newer torch.
-    install_requires=["torch>=2.4", "numpy", "scipy", "lmdb", "pillow", "einops", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "scipy", "lmdb", "pillow", "simplejpeg", "einops", "tqdm"],
     extras_require={
         "triton": ["triton"],
         "dali": ["nvidia-dali-cuda120"],

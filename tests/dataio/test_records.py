@@ -6,10 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import io
+
 import lmdb
 import numpy as np
 import pytest
+from PIL import Image
 
+from smoothsa.dataio import records
 from smoothsa.dataio.records import (
     COMMIT_EVERY,
     KEYS_KEY,
@@ -20,6 +24,7 @@ from smoothsa.dataio.records import (
     decode_rgb,
     encode_jpeg,
     encode_png,
+    image_size,
     safe_loads,
     write_records,
 )
@@ -284,6 +289,53 @@ def test_codecs_roundtrip_and_errors():
         decode_rgb(b"\x89PNG but not really", "x")
     with pytest.raises(RecordError, match="8-bit single-channel"):
         decode_index(encode_png(rgb), "x")
+
+
+def jpeg_variants():
+    """JPEGs as cameras and converters write them: 4:4:4, 4:2:2 and 4:2:0, baseline, optimised, progressive
+    and with restart markers, grayscale, odd and tiny sizes; smooth scenes with noise."""
+    rng = np.random.default_rng(5)
+    for height, width in [(480, 640), (333, 501), (17, 9), (1, 1)]:
+        rows, cols = np.mgrid[0:height, 0:width]
+        scene = np.stack([rows * 255 // max(height, 1), cols * 255 // max(width, 1), (rows + cols) % 256], -1)
+        scene = np.clip(scene + rng.normal(0, 12, scene.shape), 0, 255).astype(np.uint8)
+        for mode in ("RGB", "L"):
+            image = Image.fromarray(scene if mode == "RGB" else scene[..., 0])
+            for options in ({"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2, "quality": 60},
+                            {"optimize": True}, {"progressive": True}, {"restart_marker_blocks": 3}):
+                out = io.BytesIO()
+                image.save(out, format="JPEG", **options)
+                yield f"{mode} {height}x{width} {options}", out.getvalue()
+
+
+def test_jpegs_decode_to_pillows_pixels():
+    """simplejpeg and Pillow run the same libjpeg-turbo: the fast path returns Pillow's pixels bit for bit,
+    and the header size is Pillow's; CMYK JPEGs and a missing simplejpeg go through Pillow itself."""
+    for name, data in jpeg_variants():
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert records._decode_jpeg(data) is not None, name  # the fast path took it
+        assert np.array_equal(decode_rgb(data, "t"), expected), name
+        assert np.array_equal(decode_rgb(np.frombuffer(data, np.uint8), "t"), expected), name
+        assert image_size(data, "t") == expected.shape[:2], name
+    cmyk = io.BytesIO()
+    Image.fromarray(np.arange(4 * 6 * 4, dtype=np.uint8).reshape(4, 6, 4), "CMYK").save(cmyk, format="JPEG")
+    assert records._decode_jpeg(cmyk.getvalue()) is None
+    assert np.array_equal(decode_rgb(cmyk.getvalue(), "t"), np.asarray(Image.open(cmyk).convert("RGB")))
+
+
+def test_without_simplejpeg_pillow_decodes(monkeypatch):
+    name, data = next(jpeg_variants())
+    fast = decode_rgb(data, "t")
+    monkeypatch.setattr(records, "simplejpeg", None)
+    assert records._decode_jpeg(data) is None
+    assert np.array_equal(decode_rgb(data, "t"), fast) and image_size(data, "t") == fast.shape[:2]
+
+
+def test_a_truncated_jpeg_is_pillows_to_judge():
+    """libjpeg only warns on a truncated stream; the fast path declines it and Pillow's verdict stands."""
+    _, data = next(jpeg_variants())
+    with pytest.raises(RecordError, match="x: cannot decode the image"):
+        decode_rgb(data[: len(data) // 2], "x")
 
 
 def index_map():
