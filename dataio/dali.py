@@ -36,8 +36,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from .datasets import Encoded, LmdbDataset
 from .epochs import EpochLoader, LoaderOptions, augment_seed, select, single_threaded
-from .records import RecordError, check_png, encode_png, image_size
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed, draw_params, pad_collate
+from .records import RecordError, check_png, encode_png
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed, pad_collate
 
 
 def _frame_pipeline(
@@ -136,10 +136,7 @@ class DaliLoader(EpochLoader):
         for number in range(len(self) - self._skipped):
             samples, frames = [], []
             for index in order[number * self.batch_size : (number + 1) * self.batch_size]:
-                generator, rng = dataset.rngs(index, seed)
-                encoded = dataset.encoded(index, rng)
-                height, width = image_size(encoded.images[0], encoded.location)
-                window, flip = draw_params(height, width, dataset.is_training, generator, rng)
+                encoded, window, flip = dataset.planned(index, seed)
                 anchor = np.array([window.top, window.left], np.int64)
                 shape = np.array([window.height, window.width], np.int64)
                 flag = np.array(int(flip), np.int32)

@@ -5,8 +5,8 @@ Every reader goes through the same three steps, so the torch and DALI loaders sh
 1. `encoded(index)` reads the record and keeps the encoded image bytes (for videos, the frames of the
    clip: a strided random slice in training), plus the fields the post-processing needs;
 2. decoding + `transforms.preprocess` (crop, resize, flip, normalise), here with Pillow and torch
-   (`decoded` draws the crop window and flip), in `dali.py` with DALI, in `device_loader.py` batched on
-   the device;
+   (`planned` reads the record and draws the crop window and flip), in `dali.py` with DALI, in
+   `device_loader.py` batched on the device;
 3. `finish(encoded, pixels, segment)` turns the resized index map into boolean masks, channel last,
    keeping only the channels the crop left non-empty, and adds the optional `bbox` / `clazz`.
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .records import LmdbRecords, RecordError, decode_index, decode_rgb
+from .records import LmdbRecords, RecordError, decode_index, decode_rgb, image_size
 from .transforms import PAD_RULES, CropWindow, derive_seed, draw_params, preprocess, strided_clip_start
 
 
@@ -49,6 +49,11 @@ class Encoded:
     segments: list | None
     channels_reversed: bool = False
     fields: dict = field(default_factory=dict)
+
+
+def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays stacked on a new first axis; a single writable one is viewed, not copied (image datasets)."""
+    return arrays[0][None] if len(arrays) == 1 and arrays[0].flags.writeable else np.stack(arrays)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,11 +192,11 @@ class LmdbDataset(Dataset):
             decode_rgb(buffer, where(encoded.key, self.pixel_key), encoded.channels_reversed)
             for buffer in encoded.images
         ]
-        pixels = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+        pixels = torch.from_numpy(_stacked(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
         segment = None
         if encoded.segments is not None:
             maps = [decode_index(buffer, where(encoded.key, "segment")) for buffer in encoded.segments]
-            segment = torch.from_numpy(np.stack(maps))  # (T, H, W)
+            segment = torch.from_numpy(_stacked(maps))  # (T, H, W)
             if segment.shape[-2:] != pixels.shape[-2:]:
                 sizes = f"image is {tuple(pixels.shape[-2:])} but segment is {tuple(segment.shape[-2:])}"
                 raise RecordError(f"{where(encoded.key)}: {sizes}")
@@ -203,25 +208,22 @@ class LmdbDataset(Dataset):
     def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
         raise NotImplementedError
 
-    def decoded(
-        self, index: int, seed: int | None = None
-    ) -> tuple[Encoded, torch.Tensor, torch.Tensor | None, CropWindow, bool]:
-        """Sample `index` decoded to uint8, with the clip, crop window and flip drawn for it from `seed` (in
-        that order, as the official transforms draw them). `load` and the batched device path
-        (`device_loader`) both start here, so they augment every sample alike.
-
-        Shapes:
-            -> pixels (3, H, W) or (T, 3, H, W) uint8 RGB; segment (H, W) or (T, H, W) uint8, or None
+    def planned(self, index: int, seed: int | None = None) -> tuple[Encoded, CropWindow, bool]:
+        """Sample `index` read but not decoded, with the clip, crop window and flip drawn for it from `seed` (in
+        that order, as the official transforms draw them; the window fits the first frame's header size).
+        Every loader starts here: `load` (the torch loader), the batched device path (`device_loader`) and
+        DALI, so for one (seed, epoch) they augment every sample alike.
         """
         generator, rng = self.rngs(index, seed)
         encoded = self.encoded(index, rng)
-        pixels, segment = self.decode(encoded)
-        window, flip = draw_params(*pixels.shape[-2:], self.is_training, generator, rng)
-        return encoded, pixels, segment, window, flip
+        height, width = image_size(encoded.images[0], self.records.where(encoded.key, self.pixel_key))
+        window, flip = draw_params(height, width, self.is_training, generator, rng)
+        return encoded, window, flip
 
     def load(self, index: int, seed: int | None = None) -> dict:
         """Sample `index`, augmented (in training) with RNGs drawn from `seed` (see `rngs`)."""
-        encoded, pixels, segment, window, flip = self.decoded(index, seed)
+        encoded, window, flip = self.planned(index, seed)
+        pixels, segment = self.decode(encoded)
         pixels, segment = preprocess(pixels, segment, self.is_training, self.resolution, window, flip)
         return self.finish(encoded, pixels, segment)
 

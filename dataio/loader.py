@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import LmdbDataset
-from .device_loader import RawBatch, RawSamples, collate_raw, transform_raw
+from .device_loader import RawBatch, RawSamples, fetched, transform_raw
 from .epochs import EpochLoader, EpochView, LoaderOptions, augment_seed, seed_worker, single_threaded
 from .transforms import derive_seed, pad_collate
 
@@ -99,7 +99,7 @@ class DeviceLoader(TorchLoader):
         return RawSamples(self.dataset, seed, self.with_segment)
 
     def collate_fn(self) -> Callable:
-        return collate_raw
+        return fetched
 
     def raw_batches(self) -> Iterator[RawBatch]:
         """The next epoch as the workers hand it over (pinned on CUDA), before the device part."""

@@ -5,7 +5,6 @@ masks, boxes and classes identical, for the same windows and flips; inputs of mi
 smaller-than-the-output sizes share a batch, and the padding between them is poisoned.
 """
 
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 from smoothsa.dataio import DeviceLoader, LoaderOptions, make_loader
 from smoothsa.dataio.datasets import COCO, MOVi, VOC, YTVIS, ClevrTex
-from smoothsa.dataio.device_loader import RawSamples, collate_raw
+from smoothsa.dataio.device_loader import RawSamples, fetch_raw
 from smoothsa.dataio.device_transforms import antialias_taps, nearest_exact_index, preprocess_batch
 from smoothsa.dataio.records import encode_jpeg, encode_png, write_records
 from smoothsa.dataio.synthetic import write_synthetic
@@ -26,7 +25,6 @@ from smoothsa.dataio.transforms import (
     preprocess,
     random_crop_window,
 )
-from smoothsa.dataio.workers import default_workers
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -160,31 +158,30 @@ def test_image_loaders_agree(tmp_path, kind, is_training, same_batches):
 
 
 def test_windows_and_flips_are_the_torch_paths(tmp_path):
-    """The raw samples carry the windows and flips the per-sample path uses, and both flips occur."""
+    """A raw batch holds each sample's window of the decoded pixels and index map, at the top left, with the
+    flip the per-sample path draws; both flips occur."""
     path = write_records(tmp_path / "train.lmdb", mixed_image_records("png", with_fields=False))
     dataset = ClevrTex(path, is_training=True)
     raw = RawSamples(dataset, seed=11)
     flips = set()
-    for index in range(len(dataset)):
-        sample = raw[index]
-        expected = preprocess(sample.pixels, None, False, 256, sample.window, sample.flip)[0]
-        assert torch.equal(dataset.load(index, 11)["image"], expected)  # the same window and flip, drawn again
-        assert sample.encoded.images == [] and sample.segment.dtype == torch.uint8
-        flips.add(sample.flip)
+    for indices in ([0, 1, 2], list(range(3, len(dataset)))):
+        batch = raw.__getitems__(indices)
+        windows = [dataset.planned(index, 11)[1] for index in indices]
+        height, width = max(w.height for w in windows), max(w.width for w in windows)
+        assert batch.pixels.shape == (len(indices), height, width, 3)
+        assert batch.segment.shape == (len(indices), height, width) and batch.segment.dtype == torch.uint8
+        for b, (index, window) in enumerate(zip(indices, windows)):
+            pixels, segment = dataset.decode(dataset.encoded(index, dataset.rngs(index, 11)[1]))
+            rows, cols = slice(window.top, window.top + window.height), slice(window.left, window.left + window.width)
+            assert batch.windows[b].tolist() == [0, 0, window.height, window.width]
+            assert torch.equal(batch.pixels[b, : window.height, : window.width], pixels[:, rows, cols].permute(1, 2, 0))
+            assert torch.equal(batch.segment[b, : window.height, : window.width], segment[rows, cols])
+            flip = bool(batch.flips[b])
+            expected = preprocess(pixels, None, False, 256, window, flip)[0]
+            assert torch.equal(dataset.load(index, 11)["image"], expected)  # the same window and flip, drawn again
+            assert batch.encoded[b].images == [] and batch.encoded[b].segments is None
+            flips.add(flip)
     assert flips == {True, False}
-    samples = [raw[0], raw[1], raw[2]]
-    batch = collate_raw(samples)
-    height = max(sample.window.height for sample in samples)
-    width = max(sample.window.width for sample in samples)
-    assert batch.pixels.shape == (3, height, width, 3) and batch.segment.shape == (3, height, width)
-    for b, sample in enumerate(samples):  # each sample's window, channel last, at the top left
-        window = sample.window
-        rows, cols = slice(window.top, window.top + window.height), slice(window.left, window.left + window.width)
-        assert batch.windows[b].tolist() == [0, 0, window.height, window.width]
-        channel_last = sample.pixels[:, rows, cols].permute(1, 2, 0)
-        assert torch.equal(batch.pixels[b, : window.height, : window.width], channel_last)
-        assert torch.equal(batch.segment[b, : window.height, : window.width], sample.segment[rows, cols])
-    assert batch.flips.tolist() == [sample.flip for sample in samples]
 
 
 def test_video_loaders_agree(tmp_path, same_batches):
@@ -213,15 +210,9 @@ def test_workers_and_no_segments(tmp_path, same_batches):
 def test_clips_of_different_lengths_need_batch_size_one(tmp_path):
     path = write_synthetic(tmp_path, "val", num=1, video=True, height=16, width=16, num_frames=4)
     other = write_synthetic(tmp_path / "b", "val", num=1, video=True, height=16, width=16, num_frames=5)
-    samples = [RawSamples(MOVi(p, False, 16, clip_length=None), seed=0)[0] for p in (path, other)]
-    with pytest.raises(ValueError, match="batch_size=1"):
-        collate_raw(samples)
-
-
-def test_default_workers(monkeypatch):
-    for cpus, expected in [(1, 0), (2, 1), (8, 7), (16, 15), (64, 15)]:
-        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cpus: set(range(n)), raising=False)
-        assert default_workers() == expected
+    plans = [MOVi(p, False, 16, clip_length=None).planned(0, 0) for p in (path, other)]
+    with pytest.raises(ValueError, match=r"clips of \[4, 5\] frames.*batch_size=1"):
+        fetch_raw(MOVi(path, False, 16, clip_length=None), plans, with_segment=True)
 
 
 def test_keys_and_shards_follow_the_options(tmp_path, same_batches):
@@ -247,8 +238,7 @@ def test_cuda_batches_are_pinned(tmp_path, monkeypatch):
     assert not DeviceLoader(ClevrTex(path), LoaderOptions(batch_size=2, backend="torch-gpu")).pin_memory
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: pinned.append(self) or self.clone())
-    raw = RawSamples(ClevrTex(path), seed=0)
-    batch = collate_raw([raw[0], raw[1]])
+    batch = RawSamples(ClevrTex(path), seed=0).__getitems__([0, 1])
     out = pin_memory(batch)
     assert type(out) is type(batch) and len(pinned) == 2
     assert {id(t) for t in pinned} == {id(batch.pixels), id(batch.segment)}
