@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .transforms import derive_seed
+from .workers import keep_freed_memory
 
 BACKENDS = ("torch", "torch-gpu", "dali")
 
@@ -97,9 +98,10 @@ def augment_seed(seed: int, epoch: int) -> int:
 def seed_worker(worker: int, seed: int, epoch: int) -> None:
     """DataLoader `worker_init_fn`: distinct global seeds for every (seed, epoch, worker). Workers ignore SIGINT
     and SIGTERM (a Ctrl-C reaches the whole process group): the main process decides when to stop, finishes
-    the step in flight and shuts them down."""
+    the step in flight and shuts them down. They keep the memory they free (`workers.keep_freed_memory`)."""
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_IGN)
+    keep_freed_memory()
     value = derive_seed(seed, epoch, worker)
     torch.manual_seed(value)
     random.seed(value)
