@@ -11,7 +11,7 @@ Library code raises `UserError` (or a subclass) with a message that names what i
         device = cli.resolve_device(args.device, local_rank)
 
 Exit statuses: 0 done, 2 a user error (bad preset, missing data, bad `--set`, bad checkpoint, unavailable
-device, no space left, read-only output), 128 + signal number for a run stopped by a signal after saving its
+device, no space left, read-only output, a run that diverged), 128 + signal number for a run stopped by a signal after saving its
 state (143 SIGTERM, 130 SIGINT).
 """
 import errno
@@ -45,6 +45,10 @@ class UserError(ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class Diverged(UserError, FloatingPointError):
+    """Training stopped because too many steps in a row had a non-finite loss; the message says what to change."""
 
 
 class Stopped(KeyboardInterrupt):

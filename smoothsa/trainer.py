@@ -29,7 +29,7 @@ from tqdm import tqdm
 from smoothsa import runs, schedules, visualize
 from smoothsa.build import build_model, compile_model
 from smoothsa.checkpoint import load_official, official_state_dict
-from smoothsa.cli import UserError, resolve_device
+from smoothsa.cli import Diverged, UserError, resolve_device
 from smoothsa.dataio import default_workers
 from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, picture_segments, to_device
 from smoothsa.presets import Preset, validate
@@ -314,9 +314,9 @@ class Trainer:
         counters = [self.worst_bad_run.double(), self.bad_steps.double()]
         *losses, worst, total = torch.stack([v.double() for v in terms.values()] + counters).tolist()
         if worst > self.options.max_bad_steps:
-            raise FloatingPointError(
+            raise Diverged(
                 f"{int(worst)} consecutive steps had a non-finite loss (by step {self.step_count}); stopping. "
-                "Lower optim.lr or use --amp bf16/none."
+                "Those steps left the weights as they were. Lower optim.lr or use --amp bf16/none."
             )
         return dict(zip(terms, losses)), int(total)
 

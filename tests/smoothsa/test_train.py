@@ -2,6 +2,7 @@
 import csv
 import errno
 import hashlib
+import functools
 import json
 import os
 import signal
@@ -121,6 +122,18 @@ def test_non_finite_losses_are_skipped_then_stop(data, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="consecutive steps had a non-finite loss"):
         train(tiny(), data, tmp_path / "stops", RunOptions(amp="none", compile=False, workers=0, max_bad_steps=3))
     assert not (tmp_path / "stops" / "last.pth").exists()
+
+
+def test_a_diverged_run_is_one_line_on_the_command_line(data, tmp_path, capsys, monkeypatch):
+    real = ImageDiscovery.losses
+    monkeypatch.setattr(ImageDiscovery, "losses",
+                        lambda self, out, batch: {k: v * float("nan") for k, v in real(self, out, batch).items()})
+    monkeypatch.setattr("smoothsa.train.RunOptions", functools.partial(RunOptions, max_bad_steps=3, log_every=4))
+    status, _, err = run_main(tiny_args(data, tmp_path / "run"), capsys)
+    last = err.strip().splitlines()[-1]  # what precedes it is the progress bar
+    assert status == 2 and "Traceback" not in err, err
+    assert last.startswith("error: 4 consecutive steps had a non-finite loss (by step 4); stopping.")
+    assert "Lower optim.lr" in last
 
 
 def test_ddp_on_two_cpu_processes(data, tmp_path):
