@@ -64,6 +64,10 @@ def baselines(preset, data: Path) -> dict:
     return {kind: averager.compute() for kind, averager in scores.items()}
 
 
+# The demo model is small: compiling it, fp16 and loader processes cost more than they save, on any device.
+DEMO_OPTIONS = RunOptions(amp="none", compile=False, workers=0)
+
+
 def run_demo(out: str | Path | None = None, data: str | Path | None = None, overrides: list[str] = (),
              resume: bool = False, device: str | torch.device | None = None, options: RunOptions | None = None, *,
              overwrite: bool = False, **run_flags) -> dict | None:
@@ -77,7 +81,7 @@ def run_demo(out: str | Path | None = None, data: str | Path | None = None, over
     `cli.Stopped` (continue with --resume)."""
     out = Path(out or "runs/demo")
     preset = apply_overrides(get_preset("demo"), list(overrides))
-    options = options or RunOptions(amp="none", compile=False, workers=0)
+    options = options or DEMO_OPTIONS
     device = device or "cpu"
     summary_path = out / "eval" / "metrics.json"
     if not (resume or overwrite) and (out / runs.METRICS).is_file():

@@ -60,11 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_options(args: argparse.Namespace, workers: int | None = None, amp: str | None = None) -> RunOptions:
-    """The `RunOptions` of parsed arguments (`workers` / `amp`: defaults where the arguments leave them open;
-    workers: `default_workers()` unless given)."""
-    workers = args.workers if args.workers is not None else workers if workers is not None else default_workers()
-    return RunOptions(amp=amp or args.amp, compile=args.compile, compile_mode=args.compile_mode, backend=args.loader,
+def run_options(args: argparse.Namespace, defaults: RunOptions | None = None) -> RunOptions:
+    """The `RunOptions` of parsed arguments; `defaults` gives the workers, amp and compile setting where the
+    arguments leave them open (None: `default_workers()`, amp and compile decided by the device)."""
+    workers = args.workers if args.workers is not None else defaults.workers if defaults else default_workers()
+    amp = args.amp if args.amp != "auto" or defaults is None else defaults.amp
+    compile = args.compile if args.compile is not None or defaults is None else defaults.compile
+    return RunOptions(amp=amp, compile=compile, compile_mode=args.compile_mode, backend=args.loader,
                       workers=workers, official_compat=args.official_compat)
 
 
@@ -79,11 +81,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if args.preset is None:
-        from smoothsa.demo import run_demo
+        from smoothsa.demo import DEMO_OPTIONS, run_demo
 
         device = cli.resolve_device(args.device or "cpu", local_rank)
         run_demo(out=args.out, data=args.data, device=device, backbone_weights=args.backbone_weights,
-                 options=run_options(args, workers=0, amp="none" if args.amp == "auto" else args.amp), **run_flags(args))
+                 options=run_options(args, DEMO_OPTIONS), **run_flags(args))
         return
     device = cli.resolve_device(args.device, local_rank)
     if args.data is None:

@@ -17,6 +17,7 @@ import torch
 
 import smoothsa
 from smoothsa.checkpoint import read_checkpoint
+from smoothsa.demo import DEMO_OPTIONS
 from smoothsa.eval import evaluate_model
 from smoothsa.presets import apply_overrides, get_preset
 from smoothsa.tasks import ImageDiscovery
@@ -423,8 +424,11 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_state(da
 def test_run_options_of_the_command_line(capsys):
     options = run_options(parse_args(["--compile-mode", "reduce-overhead", "--loader", "torch-gpu"]))
     assert (options.compile_mode, options.backend, options.workers) == ("reduce-overhead", "torch-gpu", default_workers())
-    assert run_options(parse_args(["--workers", "3"]), workers=0).workers == 3
-    assert run_options(parse_args([]), workers=0).workers == 0  # the demo's default
+    assert (options.amp, options.compile) == ("auto", None)  # decided by the device
+    demo = run_options(parse_args([]), DEMO_OPTIONS)  # what `python -m smoothsa.train` runs the demo with
+    assert demo == DEMO_OPTIONS and (demo.workers, demo.amp, demo.compile) == (0, "none", False)
+    given = run_options(parse_args(["--workers", "3", "--amp", "bf16", "--compile"]), DEMO_OPTIONS)
+    assert (given.workers, given.amp, given.compile) == (3, "bf16", True)
     assert RunOptions().workers == default_workers()
     with pytest.raises(SystemExit) as stop:
         parse_args(["--loader", "pillow"])
