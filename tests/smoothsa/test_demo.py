@@ -1,5 +1,4 @@
 """The embedded demo: its trivial baselines and one tiny end-to-end run (train, evaluate, compare, write)."""
-import hashlib
 import json
 import os
 import signal
@@ -62,13 +61,8 @@ def test_demo_trains_evaluates_and_writes_metrics_and_pictures(data, tmp_path, c
     assert "grid_3x3" in printed and f"{written['val']['ari_fg']:6.3f}" in printed
 
 
-def _hashes(folder) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.slow
-def test_ctrl_c_stops_the_demo_resumably_and_a_finished_demo_says_it_is_done(data, tmp_path, capsys):
+def test_ctrl_c_stops_the_demo_resumably_and_a_finished_demo_says_it_is_done(hashes, data, tmp_path, capsys):
     out = tmp_path / "demo"
     overrides = [x for item in SMALL + ["optim.total_steps=60"] for x in ("--set", item)]
     command = [sys.executable, "-m", "smoothsa.train", "--out", str(out), "--data", str(data), "--workers", "1",
@@ -97,11 +91,11 @@ def test_ctrl_c_stops_the_demo_resumably_and_a_finished_demo_says_it_is_done(dat
     summary = json.loads((out / "eval" / "metrics.json").read_text())
     assert json.loads((out / "metrics.json").read_text())["step"] == 60 and "train_seconds" in summary
     capsys.readouterr()
-    before = _hashes(out)
+    before = hashes(out)
     main(again)  # the finished demo, run again as it was
     printed = capsys.readouterr().out
     assert f"the demo in {out} is done: metrics {out / 'eval' / 'metrics.json'}" in printed and "--overwrite" in printed
-    assert _hashes(out) == before
+    assert hashes(out) == before
     main(again + ["--overwrite"])
     assert "moved the previous run" in capsys.readouterr().out
     assert (out / "previous-1" / "eval" / "metrics.json").exists() and (out / "eval" / "metrics.json").exists()

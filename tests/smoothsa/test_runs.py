@@ -5,7 +5,6 @@ import argparse
 import csv
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -26,12 +25,6 @@ TINY = ["optim.total_steps=12", "optim.batch_size=4"]
 
 def preset(*extra):
     return apply_overrides(get_preset("demo"), TINY + list(extra))
-
-
-def hashes(folder) -> dict:
-    """Every file under `folder` (relative path → sha256): what a refusal must leave as it was."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def started_run(out, step=8, total=12, *extra):
@@ -58,7 +51,7 @@ def test_a_new_run_writes_its_config_with_the_options(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["state.pt", "last.pth", "ckpt-0001000.pth", "metrics.json", "config.json", "log.csv"])
-def test_a_folder_that_holds_a_run_is_refused_without_resume_or_overwrite(tmp_path, name, capsys):
+def test_a_folder_that_holds_a_run_is_refused_without_resume_or_overwrite(hashes, tmp_path, name, capsys):
     (tmp_path / name).write_bytes(b"previous run")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.lmdb").write_bytes(b"scenes")
@@ -77,7 +70,7 @@ def test_a_folder_that_holds_a_run_is_refused_without_resume_or_overwrite(tmp_pa
     assert hashes(tmp_path) == before
 
 
-def test_overwrite_moves_the_previous_run_aside_and_says_so(tmp_path):
+def test_overwrite_moves_the_previous_run_aside_and_says_so(hashes, tmp_path):
     started_run(tmp_path)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "val.lmdb").write_bytes(b"scenes")
@@ -96,7 +89,7 @@ def test_overwrite_moves_the_previous_run_aside_and_says_so(tmp_path):
     assert (tmp_path / "previous-2" / "config.json").is_file() and (tmp_path / "previous-1" / "state.pt").is_file()
 
 
-def test_resume_refuses_a_set_that_changes_the_saved_config_naming_the_fields(tmp_path):
+def test_resume_refuses_a_set_that_changes_the_saved_config_naming_the_fields(hashes, tmp_path):
     started_run(tmp_path)
     before = hashes(tmp_path)
     with pytest.raises(cli.UserError) as info:
@@ -138,7 +131,7 @@ def test_the_resumable_options_are_run_options_and_a_resume_keeps_the_record(tmp
     assert config["options"]["workers"] == 3 and {k: config[k] for k in record} == record
 
 
-def test_resuming_a_finished_run_touches_nothing(tmp_path, capsys):
+def test_resuming_a_finished_run_touches_nothing(hashes, tmp_path, capsys):
     started_run(tmp_path, 12)
     finish(tmp_path)
     before = hashes(tmp_path)
@@ -149,7 +142,7 @@ def test_resuming_a_finished_run_touches_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["no config", "no state", "bad state", "both flags"])
-def test_what_cannot_be_resumed_is_refused_and_left_as_it_was(tmp_path, case):
+def test_what_cannot_be_resumed_is_refused_and_left_as_it_was(hashes, tmp_path, case):
     message = {"no config": "nothing to resume", "no state": "has no state.pt", "bad state": "not a readable training state",
                "both flags": "exclude each other"}[case]
     if case != "no config":
@@ -169,7 +162,7 @@ def log_rows(out) -> list[list[str]]:
         return list(csv.reader(file))
 
 
-def test_resume_drops_the_log_rows_written_after_the_saved_state(tmp_path):
+def test_resume_drops_the_log_rows_written_after_the_saved_state(hashes, tmp_path):
     started_run(tmp_path, step=8)
     notes = []
     runs.prepare(tmp_path, preset(), OPTIONS, resume=True, say=notes.append)
@@ -191,7 +184,7 @@ def test_resume_drops_a_log_row_cut_short_by_a_kill(tmp_path):
     assert (tmp_path / "log.csv").read_bytes().endswith(b"\r\n")
 
 
-def test_leftover_tmp_files_are_removed_at_start_and_said(tmp_path):
+def test_leftover_tmp_files_are_removed_at_start_and_said(hashes, tmp_path):
     started_run(tmp_path)
     state = hashes(tmp_path)["state.pt"]
     (tmp_path / "state.pt.tmp").write_bytes(b"half a state")
@@ -209,7 +202,7 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     assert (tmp_path / "run").read_text() == "notes"
 
 
-def test_only_the_writer_changes_files(tmp_path):
+def test_only_the_writer_changes_files(hashes, tmp_path):
     started_run(tmp_path)
     (tmp_path / "state.pt.tmp").write_bytes(b"half")
     before = hashes(tmp_path)
@@ -320,7 +313,7 @@ def _disk_that_fills(monkeypatch, room: int):
 
 
 @pytest.mark.parametrize("room", [0, 1000, 100_000])
-def test_a_full_disk_keeps_the_previous_state_and_names_the_file(tmp_path, monkeypatch, room):
+def test_a_full_disk_keeps_the_previous_state_and_names_the_file(hashes, tmp_path, monkeypatch, room):
     path = tmp_path / "state.pt"
     atomic_save({"step": 1, "weights": torch.arange(10.0)}, path)
     before = hashes(tmp_path)
@@ -422,7 +415,7 @@ main()
 
 
 @pytest.mark.slow
-def test_killed_stopped_and_finished_runs_follow_the_documented_sequence(tmp_path):
+def test_killed_stopped_and_finished_runs_follow_the_documented_sequence(hashes, tmp_path):
     """kill -9 after a validation's save, a resume stopped by SIGTERM (143), a resume to the end,
     and a resume of the finished run that changes nothing: the sum and the log are those of one uninterrupted run."""
     script, out = tmp_path / "loop.py", tmp_path / "run"

@@ -1,7 +1,6 @@
 """Training and evaluation end to end on tiny synthetic data: kill and resume, DDP on gloo, bad steps, bad input."""
 import csv
 import errno
-import hashlib
 import functools
 import json
 import os
@@ -199,11 +198,6 @@ def test_recognition_probe_trains_on_a_frozen_discovery_checkpoint(data, tmp_pat
 
 # -- the command line: run folders, refusals, weights, signals ------------------------------------------------------
 
-def hashes(folder) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def run_main(argv, capsys, entry=None):
     """`python -m smoothsa.train ARGV` in this process: (status, stdout, stderr)."""
     from smoothsa.train import main
@@ -252,7 +246,7 @@ def test_a_run_records_its_weights_and_options_and_keeps_the_last_checkpoints(fi
     (["--device", "cuda:7"], 2, "--device cuda:7"),
     (["--resume"], 0, "finished at step 12"),
 ])
-def test_what_the_cli_refuses_or_finds_done_changes_no_file(finished, capsys, extra, status, message):
+def test_what_the_cli_refuses_or_finds_done_changes_no_file(hashes, finished, capsys, extra, status, message):
     before = hashes(finished)
     args = tiny_args(finished.parent / "missing-data", finished, *extra)  # refused before the data is read
     got, out, err = run_main(args, capsys)
