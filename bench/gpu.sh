@@ -8,10 +8,11 @@
 # Offline install: wheels handed in .whl/ (git-ignored) go to a --target folder on PYTHONPATH; the project is
 # installed editable without its dependencies (pip install --no-deps --no-build-isolation --no-index -e .),
 # which maps kernels/ and dataio/ to smoothsa.kernels and smoothsa.dataio. The one wheel a machine with torch,
-# Triton, pytest and pytest-benchmark lacks is lmdb (the data layer and the training loop import it):
+# Triton, pytest and pytest-benchmark lacks is lmdb (the data layer and the training loop import it), and
+# simplejpeg makes the loader workers' JPEG decoding faster (without it Pillow decodes, the same pixels):
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_17_x86_64 -d .whl lmdb==3.0.0
-# Without it the benchmark phases are skipped, and the JSON says why.
+#       --platform manylinux_2_17_x86_64 -d .whl lmdb==3.0.0 simplejpeg==1.8.2
+# Without lmdb the benchmark phases are skipped, and the JSON says why.
 #
 # Phases, each capped (timeout) and all within one deadline; a phase that no longer fits is skipped:
 #   install 60 s · environment 30 s · pytest -m cuda 150 s · training step at the paper's B (smoothsa_r-coco 32
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
         --out) OUT="${2:?--out needs a folder}"; shift ;;
-        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument '$1' (use --dry-run, --out DIR)" >&2; exit 2 ;;
     esac
     shift
@@ -143,7 +144,7 @@ def version(name):
     return getattr(module, "__version__", "installed")
 
 env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-       "triton": version("triton"), "lmdb": version("lmdb"), "dali": importlib.util.find_spec("nvidia") is not None
+       "triton": version("triton"), "lmdb": version("lmdb"), "simplejpeg": version("simplejpeg"), "dali": importlib.util.find_spec("nvidia") is not None
        and importlib.util.find_spec("nvidia.dali") is not None, "pytest_benchmark": version("pytest_benchmark"),
        "cpu_count": os.cpu_count(), "gpu": None}
 if torch.cuda.is_available():
