@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
         --out) OUT="${2:?--out needs a folder}"; shift ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument '$1' (use --dry-run, --out DIR)" >&2; exit 2 ;;
     esac
     shift
