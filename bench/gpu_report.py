@@ -142,11 +142,17 @@ def write_atomically(path: Path, content: str) -> None:
 
 
 def results_index(out: Path) -> str:
-    """README.md of a results folder: its `<gpu>-<date>.md` runs, newest first, then the newest one in full."""
+    """README.md of a results folder: its `<gpu>-<date>.md` runs, newest first, the kernels' ahead-of-time
+    tables (`aot-*.md`, `bench/aot_table.py`), then the newest run in full."""
     runs = sorted((p for p in out.glob("*-????-??-??.md") if not p.name.startswith("cpu-dry-run")),
                   key=lambda p: (p.stem[-10:], p.stem), reverse=True)  # fmt: skip
     lines = ["# Recorded GPU runs", "", "Written by `bench/gpu.sh` (see `bench/README.md`), newest first:", ""]
     lines += [f"- [{p.stem}]({p.name}) ([JSON]({p.stem}.json))" for p in runs] or ["(none recorded yet)"]
+    tables = sorted(out.glob("aot-*.md"))
+    if tables:
+        lines += ["", "Without a GPU, the fused kernels compiled ahead of time (registers, spills and shared memory per "
+                  "config, `bench/aot_table.py`):", ""]
+        lines += [f"- [{p.stem}]({p.name})" for p in tables]
     if runs:
         newest = runs[0].read_text().split("\n", 1)[1]  # without its title
         lines += ["", f"## {runs[0].stem}", newest.rstrip()]

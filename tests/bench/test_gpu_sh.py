@@ -52,6 +52,9 @@ def test_results_index_lists_gpu_runs_newest_first_and_shows_the_newest(tmp_path
     for stem, body in [("nvidia-h200-2026-11-02", "old table"), ("nvidia-h100-80gb-hbm3-2026-12-01", "new table"),
                        ("cpu-dry-run-2026-12-02", "dry table")]:  # fmt: skip
         (tmp_path / f"{stem}.md").write_text(f"# bench/gpu.sh, {stem}\n\n{body}\n")
+    assert "ahead of time" not in gpu_report.results_index(tmp_path)
+    (tmp_path / "aot-sm_90-triton-3.9.0.md").write_text("# Fused kernels compiled ahead of time\n")
     index = gpu_report.results_index(tmp_path)
     assert index.index("nvidia-h100-80gb-hbm3-2026-12-01.md") < index.index("nvidia-h200-2026-11-02.md")
     assert "new table" in index and "old table" not in index and "dry" not in index
+    assert "- [aot-sm_90-triton-3.9.0](aot-sm_90-triton-3.9.0.md)" in index
