@@ -34,7 +34,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "use backend='torch' otherwise"
     ) from error
 
-from .datasets import Encoded, LmdbDataset
+from .datasets import Encoded, LmdbDataset, index_presence
 from .epochs import EpochLoader, LoaderOptions, augment_seed, select, single_threaded
 from .records import RecordError, check_png, encode_png
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed, pad_collate
@@ -202,16 +202,19 @@ class DaliLoader(EpochLoader):
                 yield batch
 
     def _batch(self, samples: list[Encoded], images: torch.Tensor, segments: torch.Tensor | None) -> dict:
-        """Splits the frames back into samples, runs the dataset's post-processing, and collates."""
+        """Splits the frames back into samples, runs the dataset's post-processing, and collates. Which indices
+        each frame's map holds is read from the device once for the batch (`index_presence`)."""
         out, first = [], 0
+        present = index_presence(segments).cpu() if segments is not None else None  # (frames, 256)
         for encoded in samples:
             count = len(encoded.images)
             pixels = images[first : first + count]
             segment = segments[first : first + count] if segments is not None else None
+            held = present[first : first + count].any(0) if present is not None else None
             if not self.dataset.is_video:
                 pixels = pixels[0]
                 segment = segment[0] if segment is not None else None
-            out.append(select(self.dataset.finish(encoded, pixels, segment), self.keys))
+            out.append(select(self.dataset.finish(encoded, pixels, segment, held), self.keys))
             first += count
         return pad_collate(out, self.dataset.pad_rules)
 

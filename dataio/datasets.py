@@ -64,23 +64,40 @@ def masks_of(segment: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Boolean masks of the given indices, channel last (one-hot restricted to `ids`, in their order).
 
     Shapes:
-        segment: (..., R, R) uint8 index map; ids: (C,) -> (..., R, R, C) bool
+        segment: (..., R, R) uint8 index map; ids: (C,), on any device -> (..., R, R, C) bool
     """
-    return segment[..., None] == ids.to(segment.dtype)
+    return segment[..., None] == ids.to(segment.device, segment.dtype)
 
 
-def present_ids(segment: torch.Tensor, drop: tuple[int, ...] = ()) -> torch.Tensor:
+def present_ids(segment: torch.Tensor, drop: tuple[int, ...] = (), present: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted indices present anywhere in `segment` (the whole clip for videos), minus `drop`.
 
     Equivalent to the official one-hot followed by removing the channels the crop left empty.
 
+    Args:
+        present: which of the 256 indices occur in `segment`, when the caller has it already (the device
+            path reads it for a whole batch at once, `index_presence`); the ids are then on its device.
+
     Shapes:
-        segment: (..., R, R) uint8 -> (C,) int64
+        segment: (..., R, R) uint8; present: (256,) bool -> (C,) int64
     """
-    ids = torch.nonzero(torch.bincount(segment.reshape(-1).long(), minlength=256)).flatten()
+    if present is None:
+        present = torch.bincount(segment.reshape(-1).long(), minlength=256) > 0
+    ids = torch.nonzero(present).flatten()
     for value in drop:
         ids = ids[ids != value]
     return ids
+
+
+def index_presence(segments: torch.Tensor) -> torch.Tensor:
+    """Which of the 256 indices occur in each sample's index map(s), for a batch at once, in ops whose output
+    shape does not depend on the data: on a GPU nothing waits until the caller reads the (B, 256) result.
+
+    Shapes:
+        segments: (B, ..., R, R) uint8 -> (B, 256) bool, on the same device
+    """
+    flat = segments.reshape(len(segments), -1).long()
+    return torch.zeros(len(segments), 256, dtype=torch.bool, device=segments.device).scatter_(1, flat, True)
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
@@ -205,7 +222,12 @@ class LmdbDataset(Dataset):
             segment = segment[0] if segment is not None else None
         return pixels, segment
 
-    def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
+    def finish(
+        self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None, present: torch.Tensor | None = None
+    ) -> dict:
+        """The sample's dict from its resized pixels and index map: masks, channel last (and boxes, classes).
+
+        `present`: which of the 256 indices occur in `segment`, if the caller has it (`present_ids`)."""
         raise NotImplementedError
 
     def planned(self, index: int, seed: int | None = None) -> tuple[Encoded, CropWindow, bool]:
@@ -247,7 +269,9 @@ class ClevrTex(_ImageDataset):
 
     name = "clevrtex"
 
-    def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
+    def finish(
+        self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None, present: torch.Tensor | None = None
+    ) -> dict:
         """Shapes:
         image: (3, R, R) float32, normalised RGB
         segment: (R, R, C) bool, one channel per index left non-empty by the crop, in index order
@@ -255,7 +279,7 @@ class ClevrTex(_ImageDataset):
         """
         out = {"image": pixels}
         if segment is not None:
-            out["segment"] = masks_of(segment, present_ids(segment))
+            out["segment"] = masks_of(segment, present_ids(segment, present=present))
         return out
 
     def __getitem__(self, index: int) -> dict:
@@ -274,10 +298,12 @@ class VOC(_ImageDataset):
 
     name = "voc"
 
-    def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
+    def finish(
+        self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None, present: torch.Tensor | None = None
+    ) -> dict:
         out = {"image": pixels}
         if segment is not None:
-            out["segment"] = masks_of(segment, present_ids(segment, drop=(0,)))
+            out["segment"] = masks_of(segment, present_ids(segment, drop=(0,), present=present))
         return out
 
     def __getitem__(self, index: int) -> dict:
@@ -328,7 +354,9 @@ class COCO(_ImageDataset):
     def keys(self) -> tuple[str, ...]:
         return super().keys + ("bbox",) * self.with_bbox + ("clazz",) * self.with_clazz
 
-    def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
+    def finish(
+        self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None, present: torch.Tensor | None = None
+    ) -> dict:
         if segment is None:
             return {"image": pixels}
         where = self.records.where(encoded.key)
@@ -337,21 +365,21 @@ class COCO(_ImageDataset):
             if name not in encoded.fields:
                 raise RecordError(f"{where}: this reader needs the field {name!r}, which the record lacks")
         clazz = torch.from_numpy(np.asarray(encoded.fields.get("clazz", np.zeros(0, np.uint8))))
-        # The few ids are read on the host once (one sync on a device); the stored fields stay on the CPU there.
-        ids = present_ids(segment, drop=(0,)).cpu()
+        # The few ids are wanted on the host, where the stored fields are (no read of a device given `present`).
+        ids = present_ids(segment, drop=(0,), present=present).cpu()
         for name in ("clazz", "isthing"):
             count = len(encoded.fields.get(name, ()))
             if name in encoded.fields and len(ids) and ids.max() > count:
                 raise RecordError(f"{where}: segment index {int(ids.max())} but {name!r} lists {count} segments")
         if self.mode == "panoptic":
             objects = ids
-            masks = masks_of(segment, ids.to(segment.device))
+            masks = masks_of(segment, ids)
             object_masks = masks
         else:
             thing = torch.from_numpy(np.asarray(encoded.fields["isthing"], dtype=bool))[ids - 1]
             objects = ids[thing]
             background = torch.isin(segment, ids[~thing].to(segment.device, segment.dtype))  # (R, R)
-            object_masks = masks_of(segment, objects.to(segment.device))
+            object_masks = masks_of(segment, objects)
             masks = torch.cat([background[..., None], object_masks], dim=-1)
         out = {"image": pixels, "segment": masks}
         if self.with_bbox:
@@ -434,9 +462,12 @@ class _VideoDataset(LmdbDataset):
         fields["clip"] = clip
         return Encoded(key, self.records.where(key), frames[clip], segments, self.channels_reversed, fields)
 
-    def foreground(self, encoded: Encoded, segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask channels present in the clip (background id 0 first) and the foreground ids among them."""
-        ids = present_ids(segment)
+    def foreground(
+        self, encoded: Encoded, segment: torch.Tensor, present: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask channels present in the clip (background id 0 first) and the foreground ids among them
+        (`present`: as `present_ids`)."""
+        ids = present_ids(segment, present=present)
         count = encoded.fields.get("s")
         if count is None and "clazz" in encoded.fields:
             count = np.asarray(encoded.fields["clazz"]).shape[-1]
@@ -444,11 +475,13 @@ class _VideoDataset(LmdbDataset):
             raise RecordError(f"{self.records.where(encoded.key)}: segment index {int(ids.max())} > s = {int(count)}")
         return ids, ids[ids != 0]
 
-    def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
+    def finish(
+        self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None, present: torch.Tensor | None = None
+    ) -> dict:
         out = {"video": pixels}
         if segment is None:
             return out
-        ids, objects = self.foreground(encoded, segment)
+        ids, objects = self.foreground(encoded, segment, present)
         out["segment"] = masks_of(segment, ids)
         if self.with_bbox:
             # the stored boxes are never used (docs/official.md §6): boxes follow the masks after the crop
@@ -516,11 +549,13 @@ class YTVIS(_VideoDataset):
     def keys(self) -> tuple[str, ...]:
         return super().keys + ("clazz",) * self.with_clazz
 
-    def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
-        out = super().finish(encoded, pixels, segment)
+    def finish(
+        self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None, present: torch.Tensor | None = None
+    ) -> dict:
+        out = super().finish(encoded, pixels, segment, present)
         if self.with_clazz and segment is not None:
             clazz = torch.from_numpy(np.asarray(self.required(encoded.fields, encoded.key, "clazz")))
-            _, objects = self.foreground(encoded, segment)
+            _, objects = self.foreground(encoded, segment, present)
             out["clazz"] = clazz[encoded.fields["clip"]][:, objects.cpu() - 1].to(torch.uint8)
         return out
 

@@ -14,10 +14,11 @@ window of pixels and index map into a batch padded to the largest window, in sha
 the batch is pinned (on CUDA) and copied to the device, where
 `device_transforms.preprocess_batch` resizes, flips and normalises it in a fixed number of batched ops (it
 takes any windows inside padded inputs; here they start at the top left), and the reader's own `finish`
-turns each resized index map into masks (and boxes, classes) there. On CUDA the device part runs on a
-stream of its own, so that the few host reads of `finish` wait for the batch's kernels only, never for the
-training step queued on the consumer's stream (`loader.DeviceLoader`). With `options.device_id=None` it runs
-on the CPU, in the main process.
+turns each resized index map into masks (and boxes, classes) there, told which indices each map holds by
+one read of the device per batch (`datasets.index_presence`). On CUDA the device part runs on a stream of
+its own, so that this read, and the small copies of each sample's mask ids back to the device, wait for the
+batch's kernels only, never for the training step queued on the consumer's stream (`loader.DeviceLoader`).
+With `options.device_id=None` it runs on the CPU, in the main process.
 
 Why the worker slices the window out: it has to copy every sample into the batch anyway, and copying only
 the window costs nothing more while sending a third fewer bytes to the device. Index maps are not decoded
@@ -38,7 +39,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .datasets import Encoded, LmdbDataset
+from .datasets import Encoded, LmdbDataset, index_presence
 from .device_transforms import preprocess_batch
 from .epochs import select
 from .transforms import CropWindow, pad_collate
@@ -150,8 +151,11 @@ def transform_raw(dataset: LmdbDataset, raw: RawBatch, device: torch.device, key
     segment = raw.segment.to(device, non_blocking=True) if raw.segment is not None else None
     # windows and flips stay on the host: the resampling taps are computed there (no device sync)
     images, segments = preprocess_batch(pixels, segment, raw.windows, raw.flips, dataset.resolution)
-    samples = [
-        select(dataset.finish(encoded, images[b], segments[b] if segments is not None else None), keys)
-        for b, encoded in enumerate(raw.encoded)
-    ]
+    if segments is None:
+        return pad_collate([select(dataset.finish(encoded, images[b], None), keys)
+                            for b, encoded in enumerate(raw.encoded)], dataset.pad_rules)
+    # which indices each map holds, read from the device once for the batch: `finish` reads no map's values
+    present = index_presence(segments).cpu()
+    samples = [select(dataset.finish(encoded, images[b], segments[b], present[b]), keys)
+               for b, encoded in enumerate(raw.encoded)]
     return pad_collate(samples, dataset.pad_rules)

@@ -233,7 +233,9 @@ class FolderImages(_ImageDataset):
         _check_kind(self, "image", "video",
                     "convert it without --video, or train a video preset on it with --set data.dataset=folder_video")
 
-    def finish(self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None) -> dict:
+    def finish(
+        self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None, present: torch.Tensor | None = None
+    ) -> dict:
         return {"image": pixels}
 
 

@@ -110,10 +110,10 @@ class DeviceLoader(TorchLoader):
             for raw in self.raw_batches():
                 yield transform_raw(self.dataset, raw, self.device, self.keys)
             return
-        # The readers' `finish` reads a few values on the host per sample (the ids a mask holds, their
-        # maximum). On the stream training runs on, each read would wait for the whole queued training step;
-        # on a stream of its own it waits for this batch's few kernels only, and with the higher priority
-        # those are scheduled ahead of the training kernels. The consumer's stream then waits for the batch,
+        # The device part reads which indices the batch's maps hold once per batch, and each sample's few
+        # mask ids go back as a small copy. On the stream training runs on, each would wait for the whole
+        # queued training step; on a stream of its own it waits for this batch's few kernels only, and with
+        # the higher priority those are scheduled ahead of the training kernels. The consumer's stream then waits for the batch,
         # and its memory, allocated on the loader's stream, is marked in use by the consumer's.
         stream = torch.cuda.Stream(self.device, priority=-1)
         for raw in self.raw_batches():

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from smoothsa.dataio import DeviceLoader, LoaderOptions, make_loader
 from smoothsa.dataio.datasets import COCO, MOVi, VOC, YTVIS, ClevrTex
-from smoothsa.dataio.device_loader import RawSamples, fetch_raw
+from smoothsa.dataio.device_loader import RawSamples, fetch_raw, transform_raw
 from smoothsa.dataio.device_transforms import antialias_taps, nearest_exact_index, preprocess_batch
 from smoothsa.dataio.records import encode_jpeg, encode_png, write_records
 from smoothsa.dataio.synthetic import write_synthetic
@@ -244,6 +246,48 @@ def test_cuda_batches_are_pinned(tmp_path, monkeypatch):
     assert {id(t) for t in pinned} == {id(batch.pixels), id(batch.segment)}
     assert torch.equal(out.pixels, batch.pixels) and out.pixels is not batch.pixels
 
+
+# ops whose output shape, or whose result on the host, depends on a tensor's values: on a GPU each waits for it
+DATA_DEPENDENT = {torch.ops.aten.nonzero.default, torch.ops.aten.bincount.default, torch.ops.aten._unique2.default,
+                  torch.ops.aten.masked_select.default, torch.ops.aten._local_scalar_dense.default}
+
+
+class ValueReads(TorchDispatchMode):
+    """Records the data-dependent ops run on tensors larger than `limit` elements (index maps, masks)."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.calls = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sizes = [a.numel() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        masked = func is torch.ops.aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if (func in DATA_DEPENDENT or masked) and max(sizes, default=0) > self.limit:
+            self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["coco", "voc", "movi", "ytvis"])
+def test_the_device_part_reads_the_maps_once_per_batch(tmp_path, kind):
+    """`transform_raw` learns which indices each map holds from one (B, 256) presence read: no op whose result
+    depends on the values of an index map or a mask runs per sample (each would wait for the GPU there). The
+    `torch` path, per sample, does run them: the check can tell."""
+    if kind in ("movi", "ytvis"):
+        path = write_synthetic(tmp_path, "val", num=3, video=True, height=40, width=48, num_frames=3, layout=kind)
+        reader = MOVi(path, False, 32, clip_length=None, with_bbox=True) if kind == "movi" else YTVIS(
+            path, False, 32, clip_length=None, with_clazz=True)
+    else:
+        path = write_records(tmp_path / "val.lmdb", mixed_image_records("jpeg", with_fields=kind == "coco"))
+        reader = READERS[kind](path, False)
+    raw = RawSamples(reader, seed=0).__getitems__([0, 1, 2])
+    limit = 256 * 3  # the presence rows of the batch; an index map is 32 x 32 or more
+    with ValueReads(limit) as reads:
+        batch = transform_raw(reader, raw, torch.device("cpu"), reader.keys)
+    assert reads.calls == [] and "segment" in batch
+    with ValueReads(limit) as reads:
+        reader.load(0)
+    assert reads.calls  # the per-sample path reads its map's values
 
 
 @pytest.mark.cuda
