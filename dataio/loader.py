@@ -113,8 +113,8 @@ class DeviceLoader(TorchLoader):
         # The device part reads which indices the batch's maps hold once per batch, and each sample's few
         # mask ids go back as a small copy. On the stream training runs on, each would wait for the whole
         # queued training step; on a stream of its own it waits for this batch's few kernels only, and with
-        # the higher priority those are scheduled ahead of the training kernels. The consumer's stream then waits for the batch,
-        # and its memory, allocated on the loader's stream, is marked in use by the consumer's.
+        # the higher priority those are scheduled ahead of the training kernels. The consumer's stream then
+        # waits for the batch, and its memory, allocated on the loader's stream, is marked in use by the consumer's.
         stream = torch.cuda.Stream(self.device, priority=-1)
         for raw in self.raw_batches():
             with torch.cuda.stream(stream):

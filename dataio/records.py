@@ -487,7 +487,8 @@ def image_size(buffer: Any, location: str) -> tuple[int, int]:
     try:
         width, height = Image.open(io.BytesIO(data)).size
     except Exception as error:
-        raise RecordError(f"{location}: cannot decode the image (its header: {type(error).__name__}: {error})") from error
+        problem = f"{type(error).__name__}: {error}"
+        raise RecordError(f"{location}: cannot decode the image (its header: {problem})") from error
     return height, width
 
 
