@@ -216,7 +216,10 @@ class DaliLoader(EpochLoader):
                 segment = segment[0] if segment is not None else None
             out.append(select(self.dataset.finish(encoded, pixels, segment, held), self.keys))
             first += count
-        return pad_collate(out, self.dataset.pad_rules)
+        batch = pad_collate(out, self.dataset.pad_rules)
+        # classes are picked from the stored fields on the host: they join the rest on DALI's device
+        return {key: value.to(images.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                for key, value in batch.items()}
 
 
 def _culprit(message: str, owners: list[Encoded]) -> str:

@@ -152,10 +152,13 @@ def transform_raw(dataset: LmdbDataset, raw: RawBatch, device: torch.device, key
     # windows and flips stay on the host: the resampling taps are computed there (no device sync)
     images, segments = preprocess_batch(pixels, segment, raw.windows, raw.flips, dataset.resolution)
     if segments is None:
-        return pad_collate([select(dataset.finish(encoded, images[b], None), keys)
-                            for b, encoded in enumerate(raw.encoded)], dataset.pad_rules)
-    # which indices each map holds, read from the device once for the batch: `finish` reads no map's values
-    present = index_presence(segments).cpu()
-    samples = [select(dataset.finish(encoded, images[b], segments[b], present[b]), keys)
-               for b, encoded in enumerate(raw.encoded)]
-    return pad_collate(samples, dataset.pad_rules)
+        samples = [select(dataset.finish(encoded, images[b], None), keys) for b, encoded in enumerate(raw.encoded)]
+    else:
+        # which indices each map holds, read from the device once for the batch: `finish` reads no map's values
+        present = index_presence(segments).cpu()
+        samples = [select(dataset.finish(encoded, images[b], segments[b], present[b]), keys)
+                   for b, encoded in enumerate(raw.encoded)]
+    batch = pad_collate(samples, dataset.pad_rules)
+    # classes are picked from the stored fields on the host: they join the rest on the device
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}

@@ -306,3 +306,8 @@ def test_cuda_batches_made_beside_a_busy_stream_are_the_torch_loaders(tmp_path, 
             busy = (busy @ busy).tanh_()  # queued on the consumer's stream before it reads the batch
         batches.append({key: value.cpu() for key, value in batch.items()})  # read on the consumer's stream
     assert same_batches(torch_loader, batches, "video", assert_levels_close) == 2
+    # classes come from the records' fields on the host; in the batch they are on the device with the rest
+    path = write_records(tmp_path / "coco.lmdb", mixed_image_records("jpeg", with_fields=True))
+    options = LoaderOptions(batch_size=2, seed=5, backend="torch-gpu", device_id=0)
+    batch = next(iter(make_loader(READERS["coco"](path, True), options)))
+    assert {key: value.device.type for key, value in batch.items()} == dict.fromkeys(batch, "cuda")
