@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from contextlib import nullcontext
 from typing import Iterator
 
 import numpy as np
@@ -35,7 +36,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .datasets import Encoded, LmdbDataset, index_presence
-from .epochs import EpochLoader, LoaderOptions, augment_seed, select, single_threaded
+from .epochs import EpochLoader, LoaderOptions, SideStream, augment_seed, select, single_threaded
 from .records import RecordError, check_png, encode_png
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed, pad_collate
 
@@ -126,6 +127,7 @@ class DaliLoader(EpochLoader):
         super().__init__(dataset, options)
         self.num_threads = max(options.workers, 1)
         self.device_id = options.device_id
+        self.side = SideStream(torch.device("cuda", self.device_id)) if self.device_id is not None else None
         clip = getattr(dataset, "clip_length", None) if dataset.is_training else None
         # a chunk is what one pipeline run processes; longer videos simply span several chunks
         self.max_items = self.batch_size * (clip or (24 if dataset.is_video else 1))
@@ -183,7 +185,9 @@ class DaliLoader(EpochLoader):
         pipe.build()
         images, segments = [], []
         while True:
-            with single_threaded():  # host work: reading records, masks, collate (see loader.single_threaded)
+            # host work: reading records, masks, collate (see loader.single_threaded); on a GPU, the copies out
+            # of DALI and the masks run on the loader's own stream (`epochs.SideStream`)
+            with single_threaded(), self.side or nullcontext():
                 try:
                     outputs = pipe.run()
                 except RuntimeError as error:  # e.g. a frame DALI cannot decode: name its record
@@ -199,7 +203,7 @@ class DaliLoader(EpochLoader):
                     batch = self._batch(samples, torch.cat(images), torch.cat(segments) if with_segment else None)
                     images, segments = [], []
             if batch is not None:
-                yield batch
+                yield self.side.hand_over(batch) if self.side else batch
 
     def _batch(self, samples: list[Encoded], images: torch.Tensor, segments: torch.Tensor | None) -> dict:
         """Splits the frames back into samples, runs the dataset's post-processing, and collates. Which indices

@@ -66,7 +66,8 @@ def masks_of(segment: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     Shapes:
         segment: (..., R, R) uint8 index map; ids: (C,), on any device -> (..., R, R, C) bool
     """
-    return segment[..., None] == ids.to(segment.device, segment.dtype)
+    # non_blocking: torch then does not synchronise the stream after the copy (that would wait for its queue)
+    return segment[..., None] == ids.to(segment.device, segment.dtype, non_blocking=True)
 
 
 def present_ids(segment: torch.Tensor, drop: tuple[int, ...] = (), present: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,7 +119,8 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     bottom = height - 1 - rows.flip(-2).byte().argmax(dim=-2)
     boxes = torch.stack([left, top, right, bottom], dim=-1).float()  # (..., n, 4)
     boxes = boxes * cols.any(dim=-2)[..., None]  # zero the boxes of empty masks
-    return boxes / torch.tensor([width, height, width, height], dtype=torch.float32, device=boxes.device)
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return boxes / scale.to(boxes.device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,7 +380,7 @@ class COCO(_ImageDataset):
         else:
             thing = torch.from_numpy(np.asarray(encoded.fields["isthing"], dtype=bool))[ids - 1]
             objects = ids[thing]
-            background = torch.isin(segment, ids[~thing].to(segment.device, segment.dtype))  # (R, R)
+            background = masks_of(segment, ids[~thing]).any(-1)  # (R, R): the stuff, OR-ed
             object_masks = masks_of(segment, objects)
             masks = torch.cat([background[..., None], object_masks], dim=-1)
         out = {"image": pixels, "segment": masks}

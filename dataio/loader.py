@@ -17,6 +17,7 @@ Order, augmentations and resuming: see `epochs`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Callable, Iterator
 
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import LmdbDataset
 from .device_loader import RawBatch, RawSamples, fetched, transform_raw
-from .epochs import EpochLoader, EpochView, LoaderOptions, augment_seed, seed_worker, single_threaded
+from .epochs import EpochLoader, EpochView, LoaderOptions, SideStream, augment_seed, seed_worker, single_threaded
 from .transforms import derive_seed, pad_collate
 
 
@@ -88,6 +89,7 @@ class DeviceLoader(TorchLoader):
     def __init__(self, dataset: LmdbDataset, options: LoaderOptions):
         super().__init__(dataset, options)
         self.device = torch.device("cpu") if options.device_id is None else torch.device("cuda", options.device_id)
+        self.side = SideStream(self.device) if self.device.type == "cuda" else None  # where the device part runs
         # the index maps travel only when a key is made from them (masks, boxes, classes)
         self.with_segment = dataset.with_segment and any(key != dataset.pixel_key for key in self.keys)
 
@@ -106,25 +108,10 @@ class DeviceLoader(TorchLoader):
         return super().__iter__()
 
     def __iter__(self) -> Iterator[dict]:
-        if self.device.type != "cuda":
-            for raw in self.raw_batches():
-                yield transform_raw(self.dataset, raw, self.device, self.keys)
-            return
-        # The device part reads which indices the batch's maps hold once per batch, and each sample's few
-        # mask ids go back as a small copy. On the stream training runs on, each would wait for the whole
-        # queued training step; on a stream of its own it waits for this batch's few kernels only, and with
-        # the higher priority those are scheduled ahead of the training kernels. The consumer's stream then
-        # waits for the batch, and its memory, allocated on the loader's stream, is marked in use by the consumer's.
-        stream = torch.cuda.Stream(self.device, priority=-1)
         for raw in self.raw_batches():
-            with torch.cuda.stream(stream):
+            with self.side or nullcontext():
                 batch = transform_raw(self.dataset, raw, self.device, self.keys)
-            consumer = torch.cuda.current_stream(self.device)
-            consumer.wait_stream(stream)
-            for value in batch.values():
-                if isinstance(value, torch.Tensor):
-                    value.record_stream(consumer)
-            yield batch
+            yield self.side.hand_over(batch) if self.side else batch
 
 
 def make_loader(dataset: LmdbDataset, options: LoaderOptions) -> EpochLoader:

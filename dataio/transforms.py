@@ -161,7 +161,8 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     Shapes:
         image: (..., 3, H, W) uint8 -> (..., 3, H, W) float32
     """
-    return (image.float() - _MEAN.to(image.device)) / _STD.to(image.device)
+    mean, std = _MEAN.to(image.device, non_blocking=True), _STD.to(image.device, non_blocking=True)
+    return (image.float() - mean) / std
 
 
 def preprocess(

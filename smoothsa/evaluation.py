@@ -55,7 +55,7 @@ def sample_noise(seed: int, indices: list[int], shape: tuple[int, int], device: 
     for index in indices:
         generator = torch.Generator().manual_seed(derive_seed(seed, index))
         rows.append(torch.stack([torch.randn(dim, generator=generator) for _ in range(slots)]))
-    return torch.stack(rows).to(device)
+    return torch.stack(rows).to(device, non_blocking=True)
 
 
 class SplitMean:

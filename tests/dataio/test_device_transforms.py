@@ -5,6 +5,7 @@ masks, boxes and classes identical, for the same windows and flips; inputs of mi
 smaller-than-the-output sizes share a batch, and the padding between them is poisoned.
 """
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -311,3 +312,22 @@ def test_cuda_batches_made_beside_a_busy_stream_are_the_torch_loaders(tmp_path, 
     options = LoaderOptions(batch_size=2, seed=5, backend="torch-gpu", device_id=0)
     batch = next(iter(make_loader(READERS["coco"](path, True), options)))
     assert {key: value.device.type for key, value in batch.items()} == dict.fromkeys(batch, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_part_synchronises_once_per_batch(tmp_path):
+    """On CUDA the device part makes each batch with one synchronising call, its presence read
+    (`torch.cuda.set_sync_debug_mode` warns on every synchronising call)."""
+    path = write_records(tmp_path / "val.lmdb", mixed_image_records("jpeg", with_fields=True))
+    loader = make_loader(READERS["coco"](path, False), LoaderOptions(batch_size=2, backend="torch-gpu", device_id=0))
+    next(iter(loader))  # first use: streams, kernels, the pinned-memory pool
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = list(loader)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert batches and len(syncs) == len(batches), syncs
