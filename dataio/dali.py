@@ -1,7 +1,7 @@
 """DALI backend: decoding, crop, resize, flip and normalisation in a DALI pipeline (optional).
 
 The host reads the same LMDB records as the torch readers and draws the same per-sample crop window,
-flip and clip (`LmdbDataset.rngs`), so for one (seed, epoch) both loaders augment every sample alike.
+flip and clip (`LmdbDataset.planned`), so for one (seed, epoch) both loaders augment every sample alike.
 The pipeline works on frames: an image is one frame, a clip contributes T frames that all carry the
 clip's window and flip. The mask post-processing (`LmdbDataset.finish`) and `pad_collate` then run on
 the host (CPU mode) or on the pipeline's GPU.
@@ -11,10 +11,11 @@ the host (CPU mode) or on the pipeline's GPU.
         --crop_mirror_normalize(flip, mean, std)--> (3, R, R) float32
     index maps (PNG) --decoders.image(GRAY)--> --slice--> --resize(R, R, nearest)--> --flip--> (R, R) uint8
 
-Differences to the torch path (measured in tests/dataio/test_dali.py): segments, boxes and classes
-are identical; images differ by at most one uint8 level away from the border, and by up to ~9 levels
-on the outermost rows/columns when downscaling, where DALI's antialiasing filter treats the border
-differently.
+Differences to the torch path (measured in tests/dataio/test_dali.py, with DALI on the CPU): segments,
+boxes and classes are identical; images differ by at most one uint8 level away from the border, and by up
+to ~9 levels on the outermost rows/columns when downscaling, where DALI's antialiasing filter treats the
+border differently. On a GPU, nvJPEG decodes the JPEGs instead of libjpeg-turbo: its pixels may differ more
+(not measured yet).
 """
 
 from __future__ import annotations
