@@ -210,7 +210,8 @@ class Trainer:
         self.initial_weights: dict[str, str] = {}
 
         self.net, self.eval_net = self._wrap(self.model)
-        self.cudagraphs = self.use_compile and options.compile_mode == "reduce-overhead"
+        # both modes record CUDA graphs (inductor's `triton.cudagraphs`)
+        self.cudagraphs = self.use_compile and options.compile_mode in ("reduce-overhead", "max-autotune")
 
         self.out: Path | None = None
         self.after_step: list[Callable[["Trainer"], None]] = []
@@ -292,6 +293,12 @@ class Trainer:
         if valid is not None:
             bad = bad & valid
             skip = skip | ~valid
+        if self.dist.world_size > 1:
+            # A batch is bad or invalid on one rank only: every rank skips with it, or the replicas would part,
+            # and counts it, so that all stop together. On the device: no host sync.
+            flags = torch.stack([bad, skip]).to(torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            bad, skip = flags.bool().unbind()
         # The protocol by which GradScaler hands the fused Adam its skip flag: the step then changes nothing.
         self.optimizer.found_inf = skip.float()
         self.optimizer.step()

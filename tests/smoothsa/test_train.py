@@ -147,6 +147,54 @@ def test_ddp_on_two_cpu_processes(data, tmp_path):
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["step"] == 12
 
 
+DDP_SKIPS = """
+import json, sys
+import torch, torch.distributed as dist
+from smoothsa.evaluation import loader_for
+from smoothsa.presets import apply_overrides, get_preset
+from smoothsa.tasks import ImageDiscovery
+from smoothsa.trainer import RunOptions, Trainer
+
+preset = apply_overrides(get_preset("smoothsa_r-coco"), json.loads(sys.argv[2]))
+trainer = Trainer(preset, RunOptions(amp="none", compile=False, workers=0), "cpu")
+rank = dist.get_rank()
+real = ImageDiscovery.losses
+def losses(self, out, batch):  # rank 0 only: step 2's loss is not finite
+    terms = real(self, out, batch)
+    return {k: v * float("nan") for k, v in terms.items()} if rank == 0 and trainer.step_count == 2 else terms
+ImageDiscovery.losses = losses
+ImageDiscovery.valid = lambda self, out: torch.tensor(not (rank == 0 and trainer.step_count == 1))  # step 1: invalid
+batch = next(iter(loader_for(preset, sys.argv[1], "train", 4, True)))
+before = [p.detach().clone() for p in trainer.model.parameters()]
+moved = []
+for _ in range(4):
+    trainer.step(batch)
+    moved.append(any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before)))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+replicas = [torch.empty_like(weights) for _ in range(2)]
+dist.all_gather(replicas, weights)
+result = {"moved": moved, "bad_steps": int(trainer.bad_steps), "equal": torch.equal(replicas[0], replicas[1])}
+open(f"{sys.argv[3]}/rank{rank}.json", "w").write(json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+def test_under_ddp_a_step_one_rank_finds_bad_is_skipped_and_counted_by_all(data, tmp_path):
+    """Rank 0 alone finds step 1's batch invalid and step 2's loss not finite: every rank skips both (the
+    replicas stay equal) and counts step 2 as bad (so all would stop together)."""
+    script = tmp_path / "ddp_skips.py"
+    script.write_text(DDP_SKIPS)
+    args = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", str(script), str(data),
+            json.dumps(TINY), str(tmp_path)]
+    proc = _cli(args, tmp_path, env={"OMP_NUM_THREADS": "1"})
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == {"moved": [True, False, False, True], "bad_steps": 1, "equal": True}, (rank, result)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
