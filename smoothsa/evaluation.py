@@ -167,9 +167,10 @@ def evaluate(model: torch.nn.Module, task: Task, loader, device: torch.device, s
         if shape is not None:
             batch["init_noise"] = sample_noise(seed, positions[:keep], shape, device)
         scored = "segment" in batch  # folder data (`data.dataset=folder`) has no ground truth: losses only
-        # Once training marks its steps, CUDA graphs start a new generation only when marked: each batch is one
-        # (its outputs are used up within it), else every batch would record a graph nested in the last one.
-        torch.compiler.cudagraph_mark_step_begin()
+        if device.type == "cuda":
+            # Once training marks its steps, CUDA graphs start a new generation only when marked: each batch is
+            # one (its outputs are used up within it), else every batch would record a graph nested in the last.
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp):
             out = task.forward(model, batch)
             terms = task.losses(out, batch) if with_losses or not scored else {}
