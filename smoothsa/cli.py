@@ -11,8 +11,8 @@ Library code raises `UserError` (or a subclass) with a message that names what i
         device = cli.resolve_device(args.device, local_rank)
 
 Exit statuses: 0 done, 2 a user error (bad preset, missing data, bad `--set`, bad checkpoint, unavailable
-device, no space left, read-only output, a run that diverged), 128 + signal number for a run stopped by a signal after saving its
-state (143 SIGTERM, 130 SIGINT).
+device, no space left, read-only output, a run that diverged), 128 + signal number for a run stopped by a
+signal after saving its state (143 SIGTERM, 130 SIGINT).
 """
 import errno
 import functools
