@@ -37,7 +37,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from .datasets import Encoded, LmdbDataset, index_presence
-from .epochs import EpochLoader, LoaderOptions, SideStream, augment_seed, select, single_threaded
+from .epochs import EpochLoader, LoaderOptions, SideStream, augment_seed, select, single_threaded, to_device
 from .records import RecordError, check_png, encode_png
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, derive_seed, pad_collate
 
@@ -222,9 +222,7 @@ class DaliLoader(EpochLoader):
             out.append(select(self.dataset.finish(encoded, pixels, segment, held), self.keys))
             first += count
         batch = pad_collate(out, self.dataset.pad_rules)
-        # classes are picked from the stored fields on the host: they join the rest on DALI's device
-        return {key: value.to(images.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-                for key, value in batch.items()}
+        return to_device(batch, images.device)  # classes are picked from the stored fields on the host
 
 
 def _culprit(message: str, owners: list[Encoded]) -> str:

@@ -70,6 +70,15 @@ def masks_of(segment: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return segment[..., None] == ids.to(segment.device, segment.dtype, non_blocking=True)
 
 
+def presence(segment: torch.Tensor) -> torch.Tensor:
+    """Which of the 256 indices occur in `segment` (one sample; a batch: `index_presence`).
+
+    Shapes:
+        segment: (..., R, R) uint8 -> (256,) bool
+    """
+    return torch.bincount(segment.reshape(-1).long(), minlength=256) > 0
+
+
 def present_ids(segment: torch.Tensor, drop: tuple[int, ...] = (), present: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted indices present anywhere in `segment` (the whole clip for videos), minus `drop`.
 
@@ -82,9 +91,7 @@ def present_ids(segment: torch.Tensor, drop: tuple[int, ...] = (), present: torc
     Shapes:
         segment: (..., R, R) uint8; present: (256,) bool -> (C,) int64
     """
-    if present is None:
-        present = torch.bincount(segment.reshape(-1).long(), minlength=256) > 0
-    ids = torch.nonzero(present).flatten()
+    ids = torch.nonzero(presence(segment) if present is None else present).flatten()
     for value in drop:
         ids = ids[ids != value]
     return ids
@@ -554,6 +561,8 @@ class YTVIS(_VideoDataset):
     def finish(
         self, encoded: Encoded, pixels: torch.Tensor, segment: torch.Tensor | None, present: torch.Tensor | None = None
     ) -> dict:
+        if self.with_clazz and segment is not None and present is None:
+            present = presence(segment)  # once, for the masks and the classes
         out = super().finish(encoded, pixels, segment, present)
         if self.with_clazz and segment is not None:
             clazz = torch.from_numpy(np.asarray(self.required(encoded.fields, encoded.key, "clazz")))

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from .datasets import Encoded, LmdbDataset, index_presence
 from .device_transforms import preprocess_batch
-from .epochs import select
+from .epochs import select, to_device
 from .transforms import CropWindow, pad_collate
 
 
@@ -159,6 +159,4 @@ def transform_raw(dataset: LmdbDataset, raw: RawBatch, device: torch.device, key
         samples = [select(dataset.finish(encoded, images[b], segments[b], present[b]), keys)
                    for b, encoded in enumerate(raw.encoded)]
     batch = pad_collate(samples, dataset.pad_rules)
-    # classes are picked from the stored fields on the host: they join the rest on the device
-    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()}
+    return to_device(batch, device)  # classes are picked from the stored fields on the host

@@ -165,6 +165,13 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor on `device` (non_blocking: from pinned memory the copy overlaps; from
+    pageable memory torch at least does not synchronise the stream after it); other values as they are."""
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
 def select(sample: dict, keys: Sequence[str]) -> dict:
     """The entries of `sample` named in `keys`, in that order."""
     return {key: sample[key] for key in keys}

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from smoothsa.data import LoaderOptions, build_loader
+from smoothsa.dataio.epochs import to_device
 from smoothsa.dataio.transforms import derive_seed
 from smoothsa.metrics import segments_from_attention
 from smoothsa.presets import Preset
@@ -41,10 +42,6 @@ def autocast(device: torch.device, amp: str):
     """The forward's autocast context: amp "fp16", "bf16" or "none"."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def sample_noise(seed: int, indices: list[int], shape: tuple[int, int], device: torch.device) -> torch.Tensor:

@@ -31,7 +31,8 @@ from smoothsa.build import build_model, compile_model
 from smoothsa.checkpoint import load_official, official_state_dict
 from smoothsa.cli import Diverged, UserError, resolve_device
 from smoothsa.dataio import default_workers
-from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, picture_segments, to_device
+from smoothsa.dataio.epochs import to_device
+from smoothsa.evaluation import Evaluation, autocast, evaluate, loader_for, picture_segments
 from smoothsa.presets import Preset, validate
 from smoothsa.pretrained import RANDOM_BANNER, BackboneWeightsError, resolve_backbone_weights
 from smoothsa.recognition import ObjDiscovRecogn
